@@ -15,7 +15,7 @@ import sys
 
 from bench.errors import BenchError
 
-COMMANDS = ("run", "list", "data", "table", "config")
+COMMANDS = ("run", "list", "data", "table", "config", "sweep", "status", "cancel", "report")
 
 
 def _split_list(value: str) -> list[str]:
