@@ -83,7 +83,8 @@ def cmd_data(args: list[str]) -> int:
     from bench.config import compose
     from bench.data import describe
 
-    cfg = compose(args)
+    as_json = "--json" in args
+    cfg = compose([a for a in args if a != "--json"])
     from bench.config import to_container
 
     info = describe(to_container(cfg.dataset))
@@ -97,7 +98,7 @@ def cmd_data(args: list[str]) -> int:
         print(f"  {len(cl)} classes: {', '.join(cl[:20])}{' ...' if len(cl) > 20 else ''}")
     for p in info["problems"]:
         print(f"  PROBLEM: {p}")
-    if "--json" in args:
+    if as_json:
         print(json.dumps(info, indent=2))
     return 1 if info["problems"] else 0
 

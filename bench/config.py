@@ -228,8 +228,21 @@ def compose(args: list[str] | None = None, **selectors: str) -> DictConfig:
     base.preset = preset
     _merge_checked(base, load_preset(method, preset, dataset), f"preset {preset!r} of methods/presets/{method}.yaml")
     apply_overrides(base, overrides)
+    _derive_num_classes(base)
     validate(base)
     return base
+
+
+def _derive_num_classes(cfg: DictConfig) -> None:
+    """dataset.num_classes=0: the loader kind counts the classes from the files, if it can (`folder`)."""
+    ds = cfg.dataset
+    if OmegaConf.is_missing(ds, "num_classes") or ds.num_classes != 0:
+        return
+    from bench.data.base import LOADERS
+
+    derive = getattr(LOADERS.get(ds.kind), "derive_num_classes", None)
+    if derive is not None:
+        ds.num_classes = int(derive(to_container(ds)))
 
 
 class _open:

@@ -8,7 +8,8 @@ only the entry that needs it, and listing names costs no imports.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Generic, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
 
 from bench.errors import RegistryError
 

@@ -21,7 +21,7 @@ def _all(card: dict):
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.from_numpy((d.images.astype(np.float32) * (255.0 / 16.0))).unsqueeze(1)  # N,1,8,8
+    x = torch.from_numpy(d.images.astype(np.float32) * (255.0 / 16.0)).unsqueeze(1)  # N,1,8,8
     size = int(card["image_size"])
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
