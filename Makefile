@@ -60,5 +60,20 @@ perf: $(VENV)
 lint: $(VENV)
 	$(PY) -m ruff check bench methods tests scripts
 
+sweep: $(VENV)
+	$(PY) -m bench sweep $(if $(SUITE),suite=$(SUITE) $(if $(filter command,$(origin METHODS)),methods=[$(METHODS)]) $(if $(filter command,$(origin DATASETS)),datasets=[$(DATASETS)]) $(if $(filter command,$(origin SEEDS)),seeds=[$(SEEDS)]),methods=[$(METHODS)] datasets=[$(DATASETS)] seeds=[$(SEEDS)]) launcher=$(LAUNCHER) results_dir=$(RESULTS) $(ARGS)
+
+status: $(VENV)
+	$(PY) -m bench status results_dir=$(RESULTS) $(if $(SWEEP),sweep=$(SWEEP)) $(ARGS)
+
+cancel: $(VENV)
+	$(PY) -m bench cancel results_dir=$(RESULTS) $(if $(SWEEP),sweep=$(SWEEP)) $(ARGS)
+
+slurm-up:
+	bash scripts/slurm_cluster.sh up
+
+slurm-down:
+	bash scripts/slurm_cluster.sh down
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

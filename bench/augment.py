@@ -1,7 +1,7 @@
 """Augmentation pipelines, batched on the training device.
 
 Images arrive as uint8 tensors (N, C, H, W) (see bench.data); every op below
-draws its random parameters per image and transforms the whole batch at once
+draws its random parameters (and, for colour jitter, its order) per image and transforms the whole batch at once
 (one affine grid_sample for crop + flip (+ rotation), arithmetic colour ops),
 so a GPU run never waits on per-image CPU work.  bench/transforms.py holds the
 per-image torchvision versions of the same pipelines, used as the reference in
@@ -78,12 +78,18 @@ class BatchAugment:
         def U(lo, hi, size=(n,)):
             return torch.rand(size, generator=g, device=dev) * (hi - lo) + lo
 
-        # --- geometry: random resized crop + flip + rotation as one affine warp
-        area = U(s.crop_scale[0], s.crop_scale[1])
-        logr = U(math.log(s.crop_ratio[0]), math.log(s.crop_ratio[1]))
-        ratio = torch.exp(logr)
-        w = torch.sqrt(area * ratio).clamp(max=1.0)
-        h = torch.sqrt(area / ratio).clamp(max=1.0)
+        # --- geometry: random resized crop + flip + rotation as one affine warp.
+        # Like torchvision's RandomResizedCrop: up to 10 (area, ratio) draws per image, the first box that
+        # fits is used, and the whole image when none does.
+        tries = 10
+        area = U(s.crop_scale[0], s.crop_scale[1], (n, tries))
+        ratio = torch.exp(U(math.log(s.crop_ratio[0]), math.log(s.crop_ratio[1]), (n, tries)))
+        w_all, h_all = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
+        fits = (w_all <= 1) & (h_all <= 1)
+        first = fits.float().argmax(1, keepdim=True)
+        any_fit = fits.any(1)
+        w = torch.where(any_fit, w_all.gather(1, first).squeeze(1), torch.ones(n, device=dev))
+        h = torch.where(any_fit, h_all.gather(1, first).squeeze(1), torch.ones(n, device=dev))
         cx = (torch.rand(n, generator=g, device=dev) * 2 - 1) * (1 - w)
         cy = (torch.rand(n, generator=g, device=dev) * 2 - 1) * (1 - h)
         flip = torch.where(torch.rand(n, generator=g, device=dev) < s.flip_p, -1.0, 1.0)
@@ -114,23 +120,37 @@ class BatchAugment:
         return _normalize(out, s.mean, s.std)
 
     def _jitter(self, x: torch.Tensor, g) -> torch.Tensor:
+        """ColorJitter with its four ops in a random order drawn per image (as torchvision does)."""
         s = self.spec
-        n = x.shape[0]
+        n, c = x.shape[:2]
         dev = x.device
-        order = torch.randperm(4, generator=g, device=dev).tolist()
-        for op in order:
-            if op == 0 and s.brightness > 0:
-                f = (torch.rand(n, generator=g, device=dev) * 2 - 1) * s.brightness + 1
-                x = (x * f.view(n, 1, 1, 1)).clamp_(0, 1)
-            elif op == 1 and s.contrast > 0:
-                f = ((torch.rand(n, generator=g, device=dev) * 2 - 1) * s.contrast + 1).view(n, 1, 1, 1)
-                m = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-                x = (f * x + (1 - f) * m).clamp_(0, 1)
-            elif op == 2 and s.saturation > 0 and x.shape[1] == 3:
-                f = ((torch.rand(n, generator=g, device=dev) * 2 - 1) * s.saturation + 1).view(n, 1, 1, 1)
-                x = (f * x + (1 - f) * _gray(x)).clamp_(0, 1)
-            elif op == 3 and s.hue > 0 and x.shape[1] == 3:
-                x = _hue_shift(x, (torch.rand(n, generator=g, device=dev) * 2 - 1) * s.hue)
+        factors = {
+            0: (torch.rand(n, generator=g, device=dev) * 2 - 1) * s.brightness + 1,
+            1: (torch.rand(n, generator=g, device=dev) * 2 - 1) * s.contrast + 1,
+            2: (torch.rand(n, generator=g, device=dev) * 2 - 1) * s.saturation + 1,
+            3: (torch.rand(n, generator=g, device=dev) * 2 - 1) * s.hue,
+        }
+        active = [op for op, amount in enumerate((s.brightness, s.contrast, s.saturation, s.hue))
+                  if amount > 0 and (op < 2 or c == 3)]
+        if not active:
+            return x
+        order = torch.rand(n, len(active), generator=g, device=dev).argsort(1)  # a permutation per image
+        x = x.clone()
+        for slot in range(len(active)):
+            for j, op in enumerate(active):
+                sel = order[:, slot] == j
+                if not sel.any():
+                    continue
+                xs, f = x[sel], factors[op][sel].view(-1, 1, 1, 1)
+                if op == 0:
+                    xs = (xs * f).clamp_(0, 1)
+                elif op == 1:
+                    xs = (f * xs + (1 - f) * _gray(xs).mean(dim=(1, 2, 3), keepdim=True)).clamp_(0, 1)
+                elif op == 2:
+                    xs = (f * xs + (1 - f) * _gray(xs)).clamp_(0, 1)
+                else:
+                    xs = _hue_shift(xs, f.view(-1))
+                x[sel] = xs
         return x
 
 

@@ -43,12 +43,26 @@ def cmd_run(args: list[str]) -> int:
     launcher, args = _pop(args, "launcher")
     if launcher:
         args.append(f"launcher.name={launcher}")
+    ablation, args = _pop(args, "ablation")
     seed_list = [int(s) for s in _split_list(seeds)] if seeds else None
-    records = launch_runs([args], seeds=seed_list, force=(force or "").lower() in ("1", "true", "yes"))
+    arg_sets = [args]
+    if (ablation or "").lower() in ("1", "true", "yes"):
+        from methods.conr import ABLATIONS
+
+        if not any(a == "method=conr" for a in args):
+            raise BenchError("ablation=true needs method=conr (the ablation switches are CoNR's)")
+        arg_sets = [[*args, f"conr.ablation={v}"] for v in ABLATIONS]
+    records = launch_runs(arg_sets, seeds=seed_list, force=(force or "").lower() in ("1", "true", "yes"))
     failed = [r for r in records if r.get("status") != "completed"]
     from bench.table import print_summary
 
     print_summary(records)
+    if len(arg_sets) > 1:
+        from bench.table import table_command
+
+        print()
+        table_command(["rows=ablation", "reported=false",
+                       f"results_dir={records[0]['config']['results_dir'] if records and records[0].get('config') else 'results'}"])
     return 1 if failed else 0
 
 

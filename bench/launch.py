@@ -91,10 +91,11 @@ def compose_all(arg_sets: list[list[str]], seeds: list[int] | None) -> list[Dict
 def signal_delay_s(timeout_min: int) -> int:
     """Seconds before the time limit at which SLURM warns the job (USR2) so it can requeue itself.
 
-    A fifth of the limit, between 15 s and 120 s: a one-minute test job still gets
-    its warning after doing some work, a day-long job gets two minutes.
+    A tenth of the limit, between 5 s and 120 s.  SLURM may send the warning up to
+    30 s earlier still, so a one-minute job is warned after about half its time,
+    a day-long one two and a half minutes before the end.
     """
-    return int(min(120, max(15, timeout_min * 60 // 5)))
+    return int(min(120, max(5, timeout_min * 6)))
 
 
 def make_executor(cfg: DictConfig, folder: Path):
@@ -274,7 +275,10 @@ def load_suite(name: str) -> dict:
     if not isinstance(suite["launcher"], dict):
         raise ConfigError(f"suite file {path}: launcher must be a mapping of launcher settings (name, partition, ...)")
     for m in suite["methods"]:
-        METHODS.check(m)
+        try:
+            METHODS.check(m)
+        except BenchError as exc:
+            raise ConfigError(f"suite file {path}: {exc}") from None
     cards = list_cards()
     for d in suite["datasets"]:
         if d not in cards:
@@ -928,6 +932,8 @@ def _print_status(m: dict, rows: list[dict]) -> None:
         if r["state"] in ("failed", "diverged", "timeout", "missing") or (r["state"] == "cancelled" and r.get("error")):
             note = (r.get("error") or "").strip().splitlines()[-1:] or [""]
             note = note[0][:90]
+            if "timed-out too many times" in note:
+                note = "timed out on every requeue: raise launcher.timeout_min or launcher.max_num_timeout"
             if not note and r.get("stderr"):
                 note = f"see {r['stderr']}"
         table.append([r.get("job_id") or "-", r["method"], r["dataset"], r["seed"], r["state"],

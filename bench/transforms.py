@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,17 @@ from bench import augment
 
 STRONG_NUM_OPS = 4
 STRONG_MAGNITUDE_BINS = 11  # magnitudes 0..10; each operation draws one from 1..10
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Per-image ops on small images gain nothing from intra-op threads and lose a lot when cores are busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _is_digits(card: dict) -> bool:
@@ -75,7 +87,7 @@ def strong_batch(x: torch.Tensor, card: dict, generator: torch.Generator | None 
     src = x.detach().cpu()
     out = torch.empty_like(src)
     g = torch.Generator()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _one_thread():
         for i in range(n):
             torch.manual_seed(seeds[i])
             g.manual_seed(seeds[i])
@@ -138,21 +150,23 @@ def two_view_transform(card: dict, crop_scale=(0.08, 1.0), out_size: int | None 
     A callable uint8 CHW -> normalised float (C, S, S).  Default cards: RandomResizedCrop(scale,
     ratio 3/4-4/3), RandomHorizontalFlip, RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8),
     RandomGrayscale(0.2), GaussianBlur (p=0.5, sigma 0.1-2.0, kernel about 10% of the side)
-    only when the card says blur.  Digits cards: resized crop (ratio 0.8-1.25), rotation within
-    +-12 degrees, RandomApply(ColorJitter(0.4, 0.4), p=0.8), no flip, no grayscale.
-    ``overrides`` are AugSpec fields, as for two_view_spec.
+    only when the card says blur.  Digits cards: resized crop (ratio 0.8-1.25), then a rotation
+    within +-12 degrees about the crop centre at the output size (one upsampling, as the batched
+    warp; the corners it uncovers are zero-filled), RandomApply(ColorJitter(0.4, 0.4), p=0.8),
+    no flip, no grayscale.  ``overrides`` are AugSpec fields, as for two_view_spec.
     """
     spec = augment.two_view_spec(card, crop_scale=crop_scale, out_size=out_size, **overrides)
     return transform_from_spec(spec, channels=int(card.get("channels", len(spec.mean))))
 
 
 def transform_from_spec(spec: augment.AugSpec, channels: int = 3) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The per-image torchvision pipeline for a bench.augment.AugSpec."""
     size = spec.out_size
-    steps: list = [v2.ToDtype(torch.float32, scale=True)]
+    steps: list = [v2.ToDtype(torch.float32, scale=True),
+                   v2.RandomResizedCrop(size, scale=tuple(spec.crop_scale), ratio=tuple(spec.crop_ratio),
+                                        antialias=False)]
     if spec.rotate_deg:
         steps.append(v2.RandomRotation(spec.rotate_deg, interpolation=v2.InterpolationMode.BILINEAR))
-    steps.append(v2.RandomResizedCrop(size, scale=tuple(spec.crop_scale), ratio=tuple(spec.crop_ratio),
-                                      antialias=False))
     if spec.flip_p > 0:
         steps.append(v2.RandomHorizontalFlip(spec.flip_p))
     if spec.jitter_p > 0:
@@ -177,7 +191,12 @@ def test_transform_image(card: dict, out_size: int | None = None) -> Callable[[t
 
 
 def per_image_batch(transform: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Apply a per-image transform to every image of a uint8 (N, C, H, W) batch; stacked float on x's device."""
+    """Apply a per-image transform to every image of a uint8 (N, C, H, W) batch; stacked float on x's device.
+
+    Runs with one intra-op thread, as a DataLoader worker would; the transform draws from torch's global RNG.
+    """
     src = x.detach().cpu()
-    return torch.stack([transform(src[i]) for i in range(src.shape[0])]).to(x.device)
+    with _one_thread():
+        out = torch.stack([transform(src[i]) for i in range(src.shape[0])])
+    return out.to(x.device)
 
