@@ -77,3 +77,10 @@ slurm-down:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+gpu-smoke: $(VENV)
+	$(PY) scripts/gpu_bench.py --smoke
+
+gpu-bench: $(VENV)
+	@mkdir -p results/perf
+	$(PY) scripts/gpu_bench.py --json results/perf/gpu_bench.json

@@ -43,6 +43,9 @@ SLURM_ENV_KEEP = ("SLURM_CONF",)
 SUBMITIT_JOB_VARS = ("SUBMITIT_EXECUTOR", "SUBMITIT_DEBUG_JOB_ID")
 SUBMITIT_JOB_PREFIXES = ("SUBMITIT_LOCAL_",)
 
+#: error types of a run stopped from outside (a signal), as opposed to one that failed on its own
+STOP_ERRORS = ("Preempted", "KeyboardInterrupt", "SystemExit", "Cancelled")
+
 #: SLURM job states in which a job may still run
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "STOPPED"}
@@ -620,7 +623,8 @@ def run_states(manifest: dict) -> list[dict]:
             **{k: e.get(k) for k in ("job_id", "method", "dataset", "seed", "run_dir", "stdout", "stderr")},
             "job_state": job_state or None,
             "record_status": rec_status,
-            "state": combined_state(job_state, rec_status, cancelled=bool(manifest.get("cancelled"))),
+            "state": combined_state(job_state, rec_status, cancelled=bool(manifest.get("cancelled")),
+                                    error_type=((rec or {}).get("error") or {}).get("type")),
             "requeues": (rec or {}).get("requeues"),
             "metrics": (rec or {}).get("metrics"),
             "error": ((rec or {}).get("error") or {}).get("message"),
@@ -628,7 +632,8 @@ def run_states(manifest: dict) -> list[dict]:
     return rows
 
 
-def combined_state(job_state: str, rec_status: str | None, cancelled: bool = False) -> str:
+def combined_state(job_state: str, rec_status: str | None, cancelled: bool = False,
+                   error_type: str | None = None) -> str:
     """completed | failed | diverged | cancelled | timeout | pending | running | requeued | missing | unknown."""
     if rec_status == "completed":
         return "completed"
@@ -637,7 +642,7 @@ def combined_state(job_state: str, rec_status: str | None, cancelled: bool = Fal
         if js.startswith("REQUEUE"):
             return "requeued"
         return "pending" if js in ("PENDING", "CONFIGURING") else "running"
-    if js == "CANCELLED" or (cancelled and rec_status in (None, "running")):
+    if js == "CANCELLED" or error_type == "Cancelled" or (cancelled and rec_status in (None, "running")):
         return "cancelled"
     if rec_status in ("failed", "diverged"):
         return rec_status
@@ -1046,10 +1051,12 @@ def _mark_cancelled(m: dict, run_dirs: set[str]) -> None:
             rec = store.read_record(run_dir)
         except BenchError:
             continue
-        if not rec or rec.get("status") in ("completed", "diverged"):
+        if not rec or rec.get("status") not in ("running", "failed"):
             continue
-        if rec.get("status") == "failed" and (rec.get("error") or {}).get("message") not in (None, "interrupted"):
-            continue
+        err = rec.get("error") or {}
+        stopped = err.get("type") in STOP_ERRORS or err.get("message") in (None, "interrupted")
+        if rec.get("status") == "failed" and not stopped:
+            continue  # it had failed on its own before the cancel
         rec["status"] = "failed"
         rec["error"] = {"type": "Cancelled", "message": f"cancelled with `python -m bench cancel` "
                                                         f"(sweep {m['sweep_id']}) at {when}"}

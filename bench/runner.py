@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -24,13 +26,90 @@ from omegaconf import DictConfig, OmegaConf
 from bench import store
 from bench.config import config_hash, to_container
 from bench.errors import BenchError
-from bench.io import atomic_save, atomic_write_text
+from bench.io import atomic_save, atomic_write_text, remove_stale_temps
 
 log = logging.getLogger("bench")
 
 
 class Diverged(Exception):
     """Raised by training loops when the loss becomes NaN or infinite."""
+
+
+class Preempted(SystemExit):
+    """A stop signal ended the run; what it needs to resume is on disk.  Exit status 128 + the signal."""
+
+    def __init__(self, signum: int, note: str = ""):
+        super().__init__(128 + signum)
+        self.signum, self.note = signum, note
+
+    def __str__(self) -> str:
+        return f"stopped by {signal.Signals(self.signum).name}" + (f": {self.note}" if self.note else "")
+
+
+class StopSignals:
+    """SIGTERM, SIGUSR1 and SIGUSR2 while a run executes (what SLURM sends before a time limit or a preemption).
+
+    Inside a training loop (between hold() and release()) a signal only sets `requested`: the loop saves
+    its state at the next step and calls stop().  Elsewhere the run stops at once.  stop() first calls
+    the handler that was there before (submitit's, which requeues the job), then raises Preempted.
+    A second signal while a stop is pending stops at once.
+    """
+
+    NAMES = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.note = ""
+        self.previous: dict[int, Any] = {}
+        self.holds = 0
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def install(self) -> None:
+        self.signum, self.note = None, ""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.NAMES:
+            sig = getattr(signal, name, None)
+            if sig is None or sig in self.previous:
+                continue
+            prev = signal.getsignal(sig)
+            if prev in (signal.SIG_IGN, None):
+                continue
+            self.previous[sig] = prev
+            signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev)
+        self.previous.clear()
+
+    def hold(self) -> None:
+        self.holds += 1
+
+    def release(self) -> None:
+        self.holds = max(0, self.holds - 1)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        pending = self.requested
+        self.signum = signum
+        if self.holds and not pending:
+            return
+        self.stop()
+
+    def stop(self, note: str = "") -> None:
+        signum = int(self.signum or signal.SIGTERM)
+        if note:
+            self.note = note
+        prev = self.previous.get(signum)
+        if callable(prev):
+            prev(signum, None)
+        raise Preempted(signum, self.note)
+
+
+STOP = StopSignals()
 
 
 def now_iso() -> str:
@@ -137,6 +216,7 @@ def execute(cfg: DictConfig, *, force: bool = False) -> dict:
     h = config_hash(cfg)
     rid = store.run_id(int(cfg.seed), h, cfg.tag)
     folder = store.run_dir(cfg.results_dir, cfg.method, cfg.dataset.name, rid)
+    remove_stale_temps(folder)  # what writers killed in an earlier attempt left behind
     previous = _safe_read(folder)
     if previous and previous.get("status") == "completed" and previous.get("config_hash") == h and not force:
         log.info("already completed: %s (pass force=true to run again)", folder)
@@ -179,6 +259,7 @@ def execute(cfg: DictConfig, *, force: bool = False) -> dict:
     store.write_record(folder, record)
     t0 = time.time()
     ctx.log(f"run {cfg.method} on {cfg.dataset.name} seed {cfg.seed} -> {folder} (device {device}, {threads} threads)")
+    STOP.install()
     try:
         seed_everything(int(cfg.seed))
         data = build_bundle(to_container(cfg.dataset))
@@ -211,7 +292,13 @@ def execute(cfg: DictConfig, *, force: bool = False) -> dict:
         record.update(status="diverged", error={"type": "Diverged", "message": str(exc)})
         ctx.log(f"diverged: {exc}")
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ in ("SystemExit",):
+        if STOP.requested and isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            name = signal.Signals(STOP.signum).name
+            where = STOP.note or "during no training step, so the last checkpoint stands"
+            record.update(status="failed", error={
+                "type": "Preempted", "signal": name,
+                "message": f"stopped by {name}: {where}; starting the same run again resumes it"})
+        elif isinstance(exc, KeyboardInterrupt) or type(exc).__name__ in ("SystemExit",):
             record.update(status="failed", error={"type": type(exc).__name__, "message": "interrupted"})
         else:
             record.update(status="failed", error={"type": type(exc).__name__, "message": str(exc),
@@ -223,7 +310,10 @@ def execute(cfg: DictConfig, *, force: bool = False) -> dict:
         record["timing"].update(finished=now_iso(), wall_s=round(wall, 3))
         record["timing"]["total_wall_s"] = round(wall + float(previous.get("timing", {}).get("total_wall_s") or 0)
                                                  if previous and previous.get("status") != "completed" else wall, 3)
-        store.write_record(folder, record)
+        try:
+            store.write_record(folder, record)
+        finally:
+            STOP.uninstall()
     return record
 
 

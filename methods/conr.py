@@ -12,9 +12,10 @@ neighbourhood loss in place of the BYOL loss:
 5. progressively relaxed boundary filtering: r_i = ||z_i - c_{y_i}|| / min_{c != c_{y_i}} ||z_i - c||
    from the previous epoch's k-means; keep r below the batch's t-quantile, t rising 0.8 -> 1 over 50 epochs.
 
-`conr.scope=dataset` computes the same neighbourhoods over the whole training
-set once per epoch (faiss k-NN + sparse message passing on a bank of target
-features), so neighbours can come from outside the batch.
+`conr.scope=dataset` computes neighbourhoods over the whole training set once
+per epoch (faiss k-NN + sparse message passing on a bank of target features,
+neighbours retrieved by the refined features; see dataset_conaff), so they can
+come from outside the batch.
 """
 
 from __future__ import annotations
@@ -130,64 +131,60 @@ def neighbourhood_loss(p: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
 # --------------------------------------------------------------------------- dataset scope
 
 
-def dataset_conaff(bank: np.ndarray, k1: int = 10, k2: int = 2, k: int = 10, steps: int = 2, *,
-                   knn_only: bool = False, block: int = 2048) -> np.ndarray:
-    """ConAff neighbourhoods (n x k, self at rank 0) over a whole bank of L2-normalised features.
+def sparse_contextual_adjacency(r: np.ndarray, sims: np.ndarray, k2: int, steps: int):
+    """Steps 1-2 on a sparse graph: r (n x k1) neighbour lists with self first, sims their similarities.
 
-    faiss k-NN for the graph, scipy sparse matrices for message passing and for the
-    affinity C = A A^T, evaluated a block of rows at a time: cost O(n k1 d) for the
-    search and O(n m^2) for C, m the non-zeros per row of A (no n x n matrix is formed).
-    Equals conaff_neighbours on the same features, up to ties.
+    Returns the row-normalised message-passed adjacency as a scipy CSR matrix; equal to
+    contextual_adjacency on the same neighbour lists (tested).
     """
     import scipy.sparse as sp
 
-    from bench.cluster import knn
-
-    bank = np.ascontiguousarray(bank, dtype=np.float32)
-    n = len(bank)
-    k1 = min(k1, n)
-    sims, nb = knn(bank, k1 - 1, exclude_self=True, normalize=False) if k1 > 1 else (
-        np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64))
-    r = np.concatenate([np.arange(n)[:, None], nb], 1)
-    s = np.concatenate([np.einsum("ij,ij->i", bank, bank)[:, None], sims], 1)
-    if knn_only:
-        return r[:, :k]
-    w = (s**2).astype(np.float64)
-    rows = np.repeat(np.arange(n), r.shape[1])
+    n, k1 = r.shape
+    w = sims.astype(np.float64) ** 2
+    rows = np.repeat(np.arange(n), k1)
     a = sp.csr_matrix((np.ones(rows.size), (rows, r.ravel())), shape=(n, n))
-    kk = min(k2, r.shape[1])
+    kk = min(k2, k1)
     prop = sp.csr_matrix((w[:, :kk].ravel(), (np.repeat(np.arange(n), kk), r[:, :kk].ravel())), shape=(n, n))
     for _ in range(steps):
         a = (a + a.T).tocsr()
         a = (prop @ a).tocsr()
         norms = np.sqrt(np.asarray(a.multiply(a).sum(1)).ravel())
-        a = sp.diags(1.0 / np.maximum(norms, 1e-12)) @ a
-        a = a.tocsr()
-    at = a.T.tocsr()
-    out = np.empty((n, min(k, n)), dtype=np.int64)
-    kk = out.shape[1]
-    for s0 in range(0, n, block):
-        c = (a[s0 : s0 + block] @ at).tocsr()
-        c.sort_indices()
-        for i in range(c.shape[0]):
-            lo, hi = c.indptr[i], c.indptr[i + 1]
-            cols, vals = c.indices[lo:hi], c.data[lo:hi].copy()
-            self_i = s0 + i
-            vals[cols == self_i] = np.inf
-            if len(cols) >= kk:
-                top = np.argpartition(-vals, kk - 1)[:kk]
-                top = top[np.lexsort((cols[top], -vals[top]))]
-                out[self_i] = cols[top]
-            else:  # fewer affine samples than k: pad with plain k-NN order
-                order = np.lexsort((cols, -vals))
-                chosen = list(cols[order])
-                for j in r[self_i]:
-                    if len(chosen) >= kk:
-                        break
-                    if j not in chosen:
-                        chosen.append(j)
-                out[self_i] = np.array(chosen[:kk])
-    return out
+        a = (sp.diags(1.0 / np.maximum(norms, 1e-12)) @ a).tocsr()
+    return a
+
+
+def dataset_conaff(bank: np.ndarray, k1: int = 10, k2: int = 2, k: int = 10, steps: int = 2, *,
+                   knn_only: bool = False) -> np.ndarray:
+    """ConAff neighbourhoods (n x k, self at rank 0) over a whole bank of L2-normalised features.
+
+    The contextual k-NN graph comes from faiss and the message passing of steps 1-2
+    runs on sparse matrices, exactly as in the batch version.  Step 3 differs: instead
+    of the n x n affinity A A^T, each sample is represented by its contextually refined
+    feature g_i = normalise(sum_j A_ij z_j) (message passing applied to the features)
+    and the ConAff neighbourhood is the k-NN of g.  Cost: two exact k-NN searches
+    (O(n^2 d), faiss) and O(n m d) for the refinement, m the non-zeros per row of A;
+    nothing of size n x n is formed.
+    """
+    from bench.cluster import knn
+
+    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    n = len(bank)
+    k1, k = min(k1, n), min(k, n)
+    if k1 > 1:
+        sims, nb = knn(bank, k1 - 1, exclude_self=True, normalize=False)
+    else:
+        sims, nb = np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+    r = np.concatenate([np.arange(n)[:, None], nb], 1)
+    s = np.concatenate([np.einsum("ij,ij->i", bank, bank)[:, None], sims], 1)
+    if knn_only:
+        return r[:, :k]
+    a = sparse_contextual_adjacency(r, s, k2, steps)
+    g = np.asarray(a @ bank, dtype=np.float32)
+    g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+    if k == 1:
+        return np.arange(n)[:, None]
+    _, nb2 = knn(g, k - 1, exclude_self=True, normalize=False)
+    return np.concatenate([np.arange(n)[:, None], nb2], 1)
 
 
 # --------------------------------------------------------------------------- the method

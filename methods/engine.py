@@ -7,6 +7,12 @@ the method's step function, the lr schedule applied per step, a progress bar
 optimizer and random-number state.  Starting the same stage again resumes from
 the last checkpoint and continues exactly where it stopped.  A NaN or infinite
 loss stops the run with status `diverged`.
+
+SIGTERM, SIGUSR1 or SIGUSR2 during training (what SLURM sends before a time
+limit or a preemption) is handled at the next step: the engine saves
+`partial.pt` (the state in the middle of the epoch, with the epoch's running
+sums) and stops the run; the next start continues from that step and ends with
+the same result as a run that was never stopped.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ import torch
 import torch.nn as nn
 
 from bench.errors import CheckpointError
-from bench.io import atomic_save
-from bench.runner import Diverged
+from bench.io import atomic_save, remove_stale_temps
+from bench.runner import STOP, Diverged
 
 CKPT_VERSION = 1
 
@@ -78,7 +84,11 @@ def param_groups(named: dict[str, tuple[nn.Module, float]], weight_decay: float)
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    atomic_save(path, lambda p: torch.save(payload, p))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # through a Python file, so a full disk is an OSError naming the file
+            torch.save(payload, fh)
+
+    atomic_save(path, write)
 
 
 def load_checkpoint(path: Path, expect: dict | None = None) -> dict:
@@ -146,6 +156,7 @@ class Trainer:
         self.history: list[dict] = []
         self.epoch = 0  # epochs completed
         self.step = 0  # steps completed
+        remove_stale_temps(stage.folder)
 
     # ----- state
     def state(self) -> dict:
@@ -181,12 +192,18 @@ class Trainer:
     def epoch_path(self, epoch: int) -> Path:
         return self.s.folder / f"epoch_{epoch}.pt"
 
+    def partial_path(self) -> Path:
+        return self.s.folder / "partial.pt"
+
     def resume(self, from_epoch: int | None = None) -> bool:
         """Load the last checkpoint (or the kept one of `from_epoch`); True if something was loaded."""
         path = self.epoch_path(from_epoch) if from_epoch is not None else self.last_path()
         if not path.exists():
             return False
-        ckpt = load_checkpoint(path, expect={"stage": self.s.name, "config_hash": self.s.config_hash})
+        try:
+            ckpt = load_checkpoint(path, expect={"stage": self.s.name, "config_hash": self.s.config_hash})
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}. Delete {path} to train stage {self.s.name} again from the start") from exc
         self.load(ckpt)
         self.ctx.log(f"{self.s.name}: resumed from {path} (epoch {self.epoch}/{self.s.epochs})")
         return True
@@ -196,6 +213,34 @@ class Trainer:
         save_checkpoint(self.last_path(), st)
         if self.epoch in self.s.keep_epochs:
             save_checkpoint(self.epoch_path(self.epoch), st)
+        self.partial_path().unlink(missing_ok=True)
+
+    def save_partial(self, epoch: int, batch: int, sums: dict) -> Path:
+        """Save the state before batch `batch` of `epoch` (stopping in the middle of an epoch)."""
+        st = self.state()
+        st["partial"] = {"epoch": epoch, "batch": batch, "loss_sum": float(sums["loss"]),
+                         "extra_sum": {k: float(v) for k, v in sums["extra"].items()}}
+        path = self.partial_path()
+        save_checkpoint(path, st)
+        return path
+
+    def resume_partial(self) -> dict | None:
+        """Continue from partial.pt when it holds the middle of the next epoch; an unusable one is skipped."""
+        path = self.partial_path()
+        if not path.exists():
+            return None
+        try:
+            ckpt = load_checkpoint(path, expect={"stage": self.s.name, "config_hash": self.s.config_hash})
+        except CheckpointError as exc:
+            self.ctx.log(f"{self.s.name}: ignoring {path} ({exc}); continuing from the last full epoch")
+            return None
+        part = ckpt.get("partial")
+        if not isinstance(part, dict) or ckpt.get("epoch") != self.epoch or part.get("epoch") != self.epoch + 1 \
+                or ckpt.get("step") != self.step + part.get("batch", -1):
+            return None  # the middle of another epoch than the next one: not ours to continue
+        self.load(ckpt)
+        self.ctx.log(f"{self.s.name}: resumed from {path} (epoch {part['epoch']} after {part['batch']} batches)")
+        return part
 
     # ----- schedule
     def set_lr(self) -> float:
@@ -228,7 +273,9 @@ class Trainer:
         end = min(s.epochs, s.stop_at or s.epochs)
         eval_every = int(self.ctx.cfg.train.eval_every)
         progress = self.ctx.progress
+        part = self.resume_partial() if self.epoch < end else None
         bar = _bar(total=end, initial=self.epoch, desc=s.name, disable=not progress, unit="ep")
+        STOP.hold()  # from here a stop signal is acted on between steps, once the state is saved
         try:
             while self.epoch < end:
                 e = self.epoch + 1
@@ -238,10 +285,17 @@ class Trainer:
                     self.ctx.seed * 1_000_003 + e * 7919 + zlib.crc32(s.name.encode()) % 7907))
                 n_batches = n_items // s.batch_size if drop_last else math.ceil(n_items / s.batch_size)
                 n_batches = max(1, n_batches)
-                t0, seen, loss_sum, extra_sum = time.time(), 0, 0.0, {}
-                inner = _bar(total=n_batches, desc=f"{s.name} epoch {e}", leave=False,
+                t0, seen, loss_sum, extra_sum, first = time.time(), 0, 0.0, {}, 0
+                if part is not None:  # continue in the middle of this epoch
+                    first, loss_sum, extra_sum = int(part["batch"]), float(part["loss_sum"]), dict(part["extra_sum"])
+                    part = None
+                inner = _bar(total=n_batches, initial=first, desc=f"{s.name} epoch {e}", leave=False,
                              disable=not progress or n_batches < 20, unit="it")
-                for b in range(n_batches):
+                for b in range(first, n_batches):
+                    if STOP.requested:
+                        inner.close()
+                        path = self.save_partial(e, b, {"loss": loss_sum, "extra": extra_sum})
+                        STOP.stop(f"saved {path} at epoch {e} after {b} of {n_batches} batches")
                     idx = perm[b * s.batch_size : (b + 1) * s.batch_size]
                     lr = self.set_lr()
                     out = step_fn(idx, self.step)
@@ -270,12 +324,15 @@ class Trainer:
                 self.save()
                 self.ctx.log_json(row)
                 self.ctx.add_history(dict(row))
+                if STOP.requested:
+                    STOP.stop(f"saved {self.last_path()} at the end of epoch {e}")
                 bar.update(1)
                 post = {"loss": f"{row['loss']:.4f}", "lr": f"{lr:.3g}", "img/s": f"{row['images_per_s']:.0f}"}
                 if "nmi" in row:
                     post["nmi"] = f"{row['nmi']:.3f}"
                 bar.set_postfix(post, refresh=False)
         finally:
+            STOP.release()
             bar.close()
         return self.history
 

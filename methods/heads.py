@@ -6,7 +6,7 @@
   only where the weak view's max probability exceeds the threshold, classes weighted
   by the inverse of their frequency among the confident samples.
 - NNM: batch_nearest_neighbour (never the sample itself), cluster_level_loss
-  (columns of the batch probability matrices against the identity).
+  (columns of the batch probability matrices against the identity), nnm_loss.
 - Head selection: head_losses (the SCAN objective of every head over the whole
   training set) and select_head (the lowest); neither takes labels.
 """
@@ -106,10 +106,14 @@ def selflabel_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor, thres
 # --------------------------------------------------------------------------- NNM
 
 
-def batch_nearest_neighbour(features: torch.Tensor) -> torch.Tensor:
-    """Index of each row's most cosine-similar other row in the batch (never the row itself)."""
-    z = F.normalize(features.float(), dim=-1)
-    s = z @ z.T
+def batch_nearest_neighbour(queries: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+    """For each row i, the index j != i of the most cosine-similar key (never the sample itself).
+
+    queries and keys are two views of the same batch, row for row (keys=None: the queries themselves).
+    """
+    q = F.normalize(queries.float(), dim=-1)
+    k = q if keys is None else F.normalize(keys.float(), dim=-1)
+    s = q @ k.T
     s.fill_diagonal_(float("-inf"))
     return s.argmax(dim=1)
 
@@ -126,6 +130,29 @@ def cluster_level_loss(p: torch.Tensor, q: torch.Tensor, temperature: float = 1.
     logits = a @ b.T / temperature
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def nnm_loss(anchor: torch.Tensor, augmented: torch.Tensor, neighbour: torch.Tensor, global_nn: torch.Tensor,
+             local_nn: torch.Tensor, *, entropy_weight: float = 5.0, local_weight: float = 1.0,
+             global_weight: float = 1.0, cluster_weight: float = 1.0, cluster_temperature: float = 1.0):
+    """NNM's objective for one head, from logits (N, K) of four views of a batch.
+
+    anchor: the anchors; augmented: a second view of the anchors; neighbour: a random mined
+    neighbour of each anchor; global_nn: each anchor's dataset-wide nearest neighbour;
+    local_nn: (N,) index of each augmented anchor's nearest other anchor in the batch.
+    total = -log<p_a, p_n> + local_weight x -log<p_aug, p_a[local_nn]> + global_weight x -log<p_a, p_g>
+            + cluster_weight x cluster_level_loss(p_a, p_n) - entropy_weight x entropy(mean p_a).
+    Returns (total, terms) with the terms as floats.
+    """
+    pa, paug, pn, pg = (F.softmax(x.float(), dim=-1) for x in (anchor, augmented, neighbour, global_nn))
+    scan_c = consistency_loss(pa, pn)
+    local = consistency_loss(paug, pa[local_nn])
+    glob = consistency_loss(pa, pg)
+    clus = cluster_level_loss(pa, pn, cluster_temperature)
+    ent = entropy(pa.mean(0))
+    total = scan_c + local_weight * local + global_weight * glob + cluster_weight * clus - entropy_weight * ent
+    terms = {"consistency": scan_c, "local": local, "global": glob, "cluster": clus, "entropy": ent}
+    return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
 # --------------------------------------------------------------------------- head selection

@@ -259,8 +259,8 @@ class SCANStage(HeadStageBase):
         for h in range(la.shape[0]):
             t, c, e = scan_loss(la[h], ln[h], float(node.entropy_weight))
             total = total + t
-            cons += float(c)
-            ent += float(e)
+            cons += float(c.detach())
+            ent += float(e.detach())
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         self.opt.step()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.conr import (
+    _self_first_topk,
     boundary_mask,
     boundary_ratio,
     conaff_neighbours,
@@ -14,6 +15,7 @@ from methods.conr import (
     kept_fraction,
     knn_neighbours,
     neighbourhood_loss,
+    sparse_contextual_adjacency,
 )
 
 
@@ -97,13 +99,27 @@ def test_adjacency_rows_are_unit_norm():
     assert torch.allclose(a.norm(dim=1), torch.ones(len(z), dtype=a.dtype))
 
 
-def test_dataset_scope_equals_batch_scope():
-    z, _ = feats(n=120, d=16, seed=5)
+def test_sparse_message_passing_equals_dense():
+    z, _ = feats(n=90, d=16, seed=5)
+    sims, r = _self_first_topk(z @ z.T, 10)
+    dense = contextual_adjacency(z, 10, 2, 2).numpy()
+    sparse = sparse_contextual_adjacency(r.numpy(), sims.numpy(), 2, 2).toarray()
+    np.testing.assert_allclose(sparse, dense, atol=1e-10)
+
+
+def test_dataset_scope_neighbourhoods():
+    z, y = feats(n=200, d=16, seed=5)
+    ds = dataset_conaff(z.float().numpy(), 10, 2, 10, 2)
+    assert ds.shape == (200, 10) and (ds[:, 0] == np.arange(200)).all()
+    assert all(len(set(row)) == 10 for row in ds)
     batch = conaff_neighbours(z, 10, 2, 10, 2).numpy()
-    ds = dataset_conaff(z.float().numpy(), 10, 2, 10, 2, block=37)
-    agree = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(batch, ds)])
-    assert agree > 0.99  # float32 vs float64 may flip an exact tie
-    assert (ds[:, 0] == np.arange(120)).all()
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(batch, ds)])
+    assert overlap > 0.6  # refined-feature retrieval agrees largely with the exact A A^T ranking
+    purity = lambda nb: np.mean(y.numpy()[nb[:, 1:]] == y.numpy()[:, None])  # noqa: E731
+    assert purity(ds) >= purity(dataset_conaff(z.float().numpy(), 10, knn_only=True)) - 0.02
+    knn_only = dataset_conaff(z.float().numpy(), 10, 2, 10, 2, knn_only=True)
+    np.testing.assert_array_equal(knn_only[:, 1:], np.argsort(-(z @ z.T).fill_diagonal_(-9).numpy(), 1,
+                                                              kind="stable")[:, :9])
 
 
 def test_boundary_ratio_hand_computed():

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT
 
 from bench import launch, store
 from bench.errors import BenchError, ConfigError
@@ -116,6 +116,11 @@ def test_combined_state(job_state, record, cancelled, expected):
     assert launch.combined_state(job_state, record, cancelled) == expected
 
 
+def test_a_run_stopped_by_cancel_reads_cancelled():
+    assert launch.combined_state("ENDED", "failed", False, error_type="Cancelled") == "cancelled"
+    assert launch.combined_state("", "failed", False, error_type="RuntimeError") == "failed"
+
+
 # ----------------------------------------------------------------------------- environment of nested submissions
 
 
@@ -144,17 +149,6 @@ def test_outside_job_env_hides_and_restores(monkeypatch):
     assert os.environ["SLURM_JOB_ID"] == "99" and os.environ["SLURM_ARRAY_JOB_ID"] == "98"
 
 
-def test_a_job_submitted_from_inside_a_job_does_not_see_the_outer_job(results, monkeypatch):
-    """A local job submitted while this process pretends to be SLURM job 4242 records no SLURM job."""
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
-    recs = launch.launch_runs([["method=kmeans", "launcher.name=local", f"results_dir={results}",
-                                "eval.kmeans_restarts=1"]])
-    assert recs[0]["status"] == "completed"
-    assert recs[0]["slurm"] is None and recs[0]["requeues"] == 0
-    assert os.environ["SLURM_JOB_ID"] == "4242"
-
-
 # ----------------------------------------------------------------------------- the sbatch script
 
 
@@ -181,13 +175,32 @@ def test_slurm_executor_settings_reach_the_sbatch_script(tmp_path):
 # ----------------------------------------------------------------------------- sweeps (debug and local launchers)
 
 
-def _sweep(results: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run_cli("sweep", "methods=[kmeans]", "datasets=[digits]", "seeds=[0,1]", "launcher=debug",
-                   f"results_dir={results}", "eval.kmeans_restarts=1", *extra)
+class Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
-def test_debug_sweep_writes_a_manifest_and_a_relaunch_submits_nothing(results):
-    p = _sweep(results)
+@pytest.fixture
+def cli(capsys):
+    """`python -m bench ARGS` in this process (no interpreter start-up per call)."""
+    from bench.cli import main
+
+    def call(*args: str) -> Result:
+        capsys.readouterr()
+        rc = main(list(args))
+        out = capsys.readouterr()
+        return Result(rc, out.out, out.err)
+
+    return call
+
+
+def _sweep(cli, results: Path, *extra: str) -> Result:
+    return cli("sweep", "methods=[kmeans]", "datasets=[digits]", "seeds=[0,1]", "launcher=debug",
+               f"results_dir={results}", "eval.kmeans_restarts=1", *extra)
+
+
+def test_debug_sweep_writes_a_manifest_and_a_relaunch_submits_nothing(cli, results):
+    p = _sweep(cli, results)
     assert p.returncode == 0, p.stderr
     manifests = sorted((results / "sweeps").glob("*.json"))
     assert len(manifests) == 1
@@ -200,20 +213,20 @@ def test_debug_sweep_writes_a_manifest_and_a_relaunch_submits_nothing(results):
         assert r["job_id"] and Path(r["run_dir"]).is_dir()
         assert store.read_record(r["run_dir"])["status"] == "completed"
 
-    again = _sweep(results)
+    again = _sweep(cli, results)
     assert again.returncode == 0, again.stderr
     assert "2 already completed" in again.stdout and "nothing to submit" in again.stdout
     assert len(list((results / "sweeps").glob("*.json"))) == 1
 
-    st = run_cli("status", f"results_dir={results}")
+    st = cli("status", f"results_dir={results}")
     assert st.returncode == 0, st.stderr
     assert "2 run(s): 2 completed" in st.stdout
 
 
-def test_relaunch_reruns_failed_and_missing_runs_only(results):
+def test_relaunch_reruns_failed_and_missing_runs_only(cli, results):
     from bench.config import compose
 
-    assert _sweep(results).returncode == 0
+    assert _sweep(cli, results).returncode == 0
     plan = launch.plan_sweep(["kmeans"], ["digits"], [0, 1, 2], [f"results_dir={results}", "eval.kmeans_restarts=1"])
     assert [r.skip_reason for r in plan] == ["completed", "completed", None]
     # seed 1 failed last time: it runs again
@@ -233,45 +246,51 @@ def test_relaunch_reruns_failed_and_missing_runs_only(results):
     assert compose(["method=kmeans", f"results_dir={results}"]).results_dir == str(results)
 
 
-def test_sweep_checks_every_config_before_running_anything(results):
-    p = run_cli("sweep", "methods=[kmeans]", "seeds=[0]", "launcher=debug", f"results_dir={results}", "eval.nosuch=1")
+def test_sweep_checks_every_config_before_running_anything(cli, results):
+    p = cli("sweep", "methods=[kmeans]", "seeds=[0]", "launcher=debug", f"results_dir={results}", "eval.nosuch=1")
     assert p.returncode == 2
     assert "nosuch" in p.stderr and "Traceback" not in p.stderr
     assert not (results / "sweeps").exists() and not (results / "runs").exists()
-    p = run_cli("sweep", "method=kmeans", f"results_dir={results}")
+    p = cli("sweep", "method=kmeans", f"results_dir={results}")
     assert p.returncode == 2 and "methods=[...]" in p.stderr
-    p = run_cli("sweep", f"results_dir={results}")
+    p = cli("sweep", f"results_dir={results}")
     assert p.returncode == 2 and "no methods" in p.stderr
 
 
-def test_dry_run_lists_the_plan(results):
-    p = run_cli("sweep", "suite=digits", "methods=[kmeans,byol]", "dry_run=true", f"results_dir={results}")
+def test_dry_run_lists_the_plan(cli, results):
+    p = cli("sweep", "suite=digits", "methods=[kmeans,byol]", "dry_run=true", f"results_dir={results}")
     assert p.returncode == 0, p.stderr
     assert "2 method(s) x 1 dataset(s) x 3 seed(s) = 6 run(s)" in p.stdout
     assert p.stdout.count("  run  ") == 6
     assert not (results / "sweeps").exists()
 
 
-def test_failed_run_in_a_debug_sweep_keeps_its_error(results):
-    p = run_cli("sweep", "methods=[kmeans]", "seeds=[0]", "launcher=debug", f"results_dir={results}",
+def test_failed_run_in_a_debug_sweep_keeps_its_error(cli, results):
+    p = cli("sweep", "methods=[kmeans]", "seeds=[0]", "launcher=debug", f"results_dir={results}",
                 "dataset.num_classes=5000")
     assert p.returncode == 1
-    st = json.loads(run_cli("status", f"results_dir={results}", "json=true").stdout)
+    st = json.loads(cli("status", f"results_dir={results}", "json=true").stdout)
     (row,) = st["runs"]
     assert row["state"] == "failed" and "num_classes=5000" in row["error"]
 
 
-def test_local_sweep_runs_in_subprocesses(results):
-    p = run_cli("sweep", "methods=[kmeans]", "seeds=[3]", "launcher=local", f"results_dir={results}",
-                "eval.kmeans_restarts=1")
+def test_local_sweep_runs_in_subprocesses_without_the_outer_jobs_environment(cli, results, monkeypatch):
+    """Submitted while this process pretends to be SLURM job 4242: the run records no SLURM job."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    p = cli("sweep", "methods=[kmeans]", "seeds=[3]", "launcher=local", f"results_dir={results}",
+            "eval.kmeans_restarts=1")
     assert p.returncode == 0, p.stderr
-    st = json.loads(run_cli("status", f"results_dir={results}", "json=true").stdout)
+    assert os.environ["SLURM_JOB_ID"] == "4242"
+    st = json.loads(cli("status", f"results_dir={results}", "json=true").stdout)
     (row,) = st["runs"]
     assert row["state"] == "completed" and int(row["job_id"]) != os.getpid()
     assert Path(row["stdout"]).exists()
+    rec = store.read_record(row["run_dir"])
+    assert rec["slurm"] is None and rec["requeues"] == 0
 
 
-def test_cancel_stops_a_local_sweep(results):
+def test_cancel_stops_a_local_sweep(cli, results):
     cmd = [sys.executable, "-m", "bench", "sweep", "methods=[byol]", "seeds=[0]", "launcher=local",
            f"results_dir={results}", "byol.epochs=500", "train.progress=false", "train.num_threads=1"]
     outer = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -287,35 +306,35 @@ def test_cancel_stops_a_local_sweep(results):
                     break
             time.sleep(0.5)
         assert row is not None, "the local run never started"
-        p = run_cli("cancel", f"results_dir={results}")
+        p = cli("cancel", f"results_dir={results}")
         assert p.returncode == 0, p.stderr
         assert "cancelled 1 job(s)" in p.stdout
-        outer.wait(timeout=60)
+        assert not launch._pid_alive(row["job_id"])
     finally:
-        if outer.poll() is None:
-            outer.kill()
+        outer.terminate()
+        outer.wait(timeout=30)
     rec = store.read_record(row["run_dir"])
     assert rec["status"] == "failed" and rec["error"]["type"] == "Cancelled"
-    st = json.loads(run_cli("status", f"results_dir={results}", "json=true").stdout)
+    st = json.loads(cli("status", f"results_dir={results}", "json=true").stdout)
     assert st["cancelled"] and st["runs"][0]["state"] == "cancelled"
 
 
-def test_status_and_cancel_without_sweeps_say_so(results):
+def test_status_and_cancel_without_sweeps_say_so(cli, results):
     for cmd in ("status", "cancel"):
-        p = run_cli(cmd, f"results_dir={results}")
+        p = cli(cmd, f"results_dir={results}")
         assert p.returncode == 2 and "no sweeps under" in p.stderr
 
 
-def test_unknown_sweep_id_lists_recent_ones(results):
-    assert _sweep(results).returncode == 0
+def test_unknown_sweep_id_lists_recent_ones(cli, results):
+    assert _sweep(cli, results).returncode == 0
     with pytest.raises(BenchError, match="matches no sweep.*recent sweeps"):
         launch.find_manifest(results, "nosuch")
     sid = launch.find_manifest(results, None)["sweep_id"]
     assert launch.find_manifest(results, sid[-8:])["sweep_id"] == sid
 
 
-def test_damaged_manifest_is_skipped_with_a_warning(results, caplog):
-    assert _sweep(results).returncode == 0
+def test_damaged_manifest_is_skipped_with_a_warning(cli, results, caplog):
+    assert _sweep(cli, results).returncode == 0
     (results / "sweeps" / "zzz-broken.json").write_text("{not json")
     assert len(launch.load_manifests(results)) == 1
     assert "zzz-broken.json" in caplog.text
