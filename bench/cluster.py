@@ -100,8 +100,11 @@ def kmeans(
                               max_points_per_centroid=max(n, 1), min_points_per_centroid=1, verbose=False)
             km.train(x, init_centroids=init)
             centroids = km.centroids.copy()
-            dist, labels = km.index.search(x, 1)
-            labels, inertia = labels[:, 0].astype(np.int64), float(dist.sum())
+            # with spherical=True faiss searches an inner-product index (similarities, not distances),
+            # so the assignment comes from the index and the inertia is computed here, the same way for both
+            _, labels = km.index.search(x, 1)
+            labels = labels[:, 0].astype(np.int64)
+            inertia = _inertia(x, centroids, labels)
         else:  # pragma: no cover - numpy Lloyd, same seeding
             centroids = init
             for _ in range(iters):
@@ -120,6 +123,15 @@ def kmeans(
             best = KMeansResult(labels, centroids, inertia, r)
     assert best is not None
     return best
+
+
+def _inertia(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, chunk: int = 65536) -> float:
+    """Sum of squared Euclidean distances of each point to its assigned centroid."""
+    total = 0.0
+    for s in range(0, len(x), chunk):
+        diff = x[s : s + chunk] - centroids[labels[s : s + chunk]]
+        total += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
+    return total
 
 
 def knn(

@@ -20,10 +20,11 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -624,7 +625,8 @@ def run_states(manifest: dict) -> list[dict]:
             "job_state": job_state or None,
             "record_status": rec_status,
             "state": combined_state(job_state, rec_status, cancelled=bool(manifest.get("cancelled")),
-                                    error_type=((rec or {}).get("error") or {}).get("type")),
+                                    error_type=((rec or {}).get("error") or {}).get("type"),
+                                    written_by_this_job=bool(job_id) and job_id in _record_job_ids(rec)),
             "requeues": (rec or {}).get("requeues"),
             "metrics": (rec or {}).get("metrics"),
             "error": ((rec or {}).get("error") or {}).get("message"),
@@ -632,12 +634,28 @@ def run_states(manifest: dict) -> list[dict]:
     return rows
 
 
+def _record_job_ids(rec: dict | None) -> set[str]:
+    """The SLURM ids under which the job that wrote `rec` ran: '<array>_<task>' and its own id."""
+    sl = (rec or {}).get("slurm") or {}
+    out = {str(sl["job_id"])} if sl.get("job_id") else set()
+    if sl.get("array_job_id") and sl.get("array_task_id") is not None:
+        out.add(f"{sl['array_job_id']}_{sl['array_task_id']}")
+    return out
+
+
 def combined_state(job_state: str, rec_status: str | None, cancelled: bool = False,
-                   error_type: str | None = None) -> str:
-    """completed | failed | diverged | cancelled | timeout | pending | running | requeued | missing | unknown."""
+                   error_type: str | None = None, written_by_this_job: bool = False) -> str:
+    """completed | failed | diverged | cancelled | timeout | pending | running | requeued | missing | unknown.
+
+    The record says how the run went; the launcher's state says whether its job still lives.  A job
+    still listed as running whose own record says it failed (not stopped by a signal) is only ending.
+    """
     if rec_status == "completed":
         return "completed"
     js = (job_state or "").upper()
+    if js in ("RUNNING", "COMPLETING") and written_by_this_job and rec_status in ("failed", "diverged") \
+            and error_type not in STOP_ERRORS:
+        return rec_status
     if js in ACTIVE_STATES:
         if js.startswith("REQUEUE"):
             return "requeued"

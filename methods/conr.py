@@ -48,6 +48,7 @@ class CoNRConfig:
     encoder_lr_factor: float = 0.1  # x the continuing schedule
     predictor_lr_factor: float = 0.1
     loss_scale: float = 1.0  # 0.25 = the single-device equivalent of the authors' 4-GPU run
+    batch_size: int = 0  # the phase's batch (the ConAff neighbourhoods' pool); 0: byol.batch_size
 
 
 # --------------------------------------------------------------------------- neighbourhoods (batch scope)
@@ -200,8 +201,11 @@ def validate_conr(cfg) -> None:
             raise ConfigError(f"conr.{key} must be >= 1, got {c[key]}")
     if c.k2 > c.k1:
         raise ConfigError(f"conr.k2 ({c.k2}) cannot exceed conr.k1 ({c.k1})")
-    if c.k > cfg.byol.batch_size and c.scope == "batch":
-        raise ConfigError(f"conr.k ({c.k}) cannot exceed the batch size byol.batch_size ({cfg.byol.batch_size})")
+    batch = c.batch_size or cfg.byol.batch_size
+    if c.batch_size < 0:
+        raise ConfigError(f"conr.batch_size must be >= 0 (0: byol.batch_size), got {c.batch_size}")
+    if c.k > batch and c.scope == "batch":
+        raise ConfigError(f"conr.k ({c.k}) cannot exceed the phase's batch size ({batch})")
     if c.steps < 0:
         raise ConfigError(f"conr.steps must be >= 0, got {c.steps}")
     if c.scope not in ("batch", "dataset"):
@@ -220,7 +224,7 @@ class CoNRPhase:
     def __init__(self, ctx, data, byol: BYOLStage):
         from bench.augment import BatchAugment, two_view_spec
         from bench.config import config_hash
-        from methods.engine import Stage
+        from methods.engine import Stage, scaled_lr
 
         self.ctx, self.data, self.byol = ctx, data, byol
         self.c = ctx.cfg.conr
@@ -229,13 +233,16 @@ class CoNRPhase:
         self.warm = int(self.c.warmup_epochs)
         for grp in byol.opt.param_groups:
             grp["lr_factor"] = self.c.encoder_lr_factor if grp["name"] == "encoder" else self.c.predictor_lr_factor
-        spe = byol.stage.steps_per_epoch
+        self.batch = int(self.c.batch_size or bn.batch_size)
+        if self.batch > len(byol.images):
+            raise ConfigError(f"the CoNR phase's batch ({self.batch}) is larger than the {len(byol.images)} training images")
+        spe = len(byol.images) // self.batch
         self.stage = Stage(
             name="conr", folder=ctx.run_dir / "checkpoints",
             config_hash=config_hash(ctx.cfg, keys=["dataset", "byol", "conr"]),
-            modules={"net": self.net}, optimizer=byol.opt, base_lr=byol.stage.base_lr,
+            modules={"net": self.net}, optimizer=byol.opt, base_lr=scaled_lr(bn.base_lr, self.batch),
             epochs=int(bn.epochs) - self.warm, steps_per_epoch=spe,
-            batch_size=int(bn.batch_size), lr_offset_epochs=self.warm, schedule_epochs=int(bn.epochs),
+            batch_size=self.batch, lr_offset_epochs=self.warm, schedule_epochs=int(bn.epochs),
             warmup_epochs=bn.warmup_epochs,
         )
         self.aug = BatchAugment(two_view_spec(byol.card, tuple(self.c.crop_scale), byol.input_size))
@@ -333,9 +340,10 @@ class CoNRPhase:
         self.byol.opt.zero_grad(set_to_none=True)
         scaled.backward()
         self.byol.opt.step()
-        total = self.byol.stage.epochs * self.byol.stage.steps_per_epoch
-        gstep = self.warm * self.byol.stage.steps_per_epoch + step
-        ema_update(net.target, net.online, ema_momentum(gstep, total, self.ctx.cfg.byol.ema_base))
+        # the target momentum continues BYOL's cosine over the whole schedule (in epochs, as batches may differ)
+        spe = self.stage.steps_per_epoch
+        total = self.stage.schedule_epochs * spe
+        ema_update(net.target, net.online, ema_momentum(self.warm * spe + step, total, self.ctx.cfg.byol.ema_base))
         kept = float(m1.mean()) if m1 is not None else 1.0
         return {"loss": loss.detach(), "kept": kept}
 

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,8 +41,8 @@ class ClusterModel(nn.Module):
         return (logits, h) if with_features else logits
 
     def keep_head(self, index: int) -> ClusterModel:
-        """A one-head model sharing this backbone, whose head is a copy of head `index`."""
-        out = ClusterModel(self.backbone, self.num_classes, 1)
+        """A one-head model: a copy of the backbone and of head `index`."""
+        out = ClusterModel(copy.deepcopy(self.backbone), self.num_classes, 1)
         out.heads[0].load_state_dict(self.heads[index].state_dict())
         return out.to(next(self.parameters()).device)
 

@@ -27,7 +27,13 @@ import torch
 from bench.errors import ConfigError
 from methods.base import Method, Prediction
 from methods.byol import BYOLConfig
-from methods.scan import HeadStageBase, pretext_diagnostics, start_pretext, validate_heads_node, validate_pretext
+from methods.scan import (
+    HeadStageBase,
+    pretext_diagnostics,
+    start_pretext,
+    validate_heads_node,
+    validate_pretext,
+)
 from methods.simclr import Pretext, SimCLRConfig
 
 

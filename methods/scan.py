@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from bench.errors import ConfigError
@@ -179,7 +178,9 @@ class HeadStageBase:
         nb = pretext.neighbours(int(node.num_neighbors))
         self.neighbours_np = nb
         self.nbrs = torch.from_numpy(nb).to(self.device)
-        self.model = ClusterModel(pretext.backbone(), self.k, num_heads).to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed * 7 + 3)  # the heads' initialisation depends on the seed only
+            self.model = ClusterModel(pretext.backbone(), self.k, num_heads).to(self.device)
         self.opt = adam(self.model, node.lr, node.weight_decay, node.backbone_lr_factor)
         self.gen = torch.Generator(device=self.device).manual_seed(ctx.seed * 7 + 1)
         self.view = make_view(self.card, node.augment, node.crop_scale, self.input_size)

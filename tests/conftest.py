@@ -23,3 +23,19 @@ def results(tmp_path) -> Path:
     d = tmp_path / "results"
     d.mkdir()
     return d
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu are skipped, saying why, where no CUDA device is present."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -36,8 +36,8 @@ from methods.engine import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.chaos
 
-TINY = ["method=byol", "dataset=digits", "byol.epochs=6", "byol.warmup_epochs=1", "byol.width=8",
-        "byol.proj_hidden=64", "byol.pred_hidden=64", "byol.proj_dim=32", "byol.batch_size=256",
+TINY = ["method=byol", "dataset=digits", "byol.epochs=6", "byol.warmup_epochs=1", "byol.width=4", "byol.input_size=8",
+        "byol.proj_hidden=32", "byol.pred_hidden=32", "byol.proj_dim=16", "byol.batch_size=256",
         "train.eval_every=2", "train.num_threads=1", "train.progress=false", "launcher=debug"]
 STEPS_PER_EPOCH = 1797 // 256
 DEADLINE_S = 240  # one attempt; generous, since the machine may be shared
@@ -52,7 +52,7 @@ import contextlib, errno, json, os, signal, sys, traceback
 os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 import torch
 torch.set_num_threads(1)
-import faiss, numpy, pandas, sklearn.metrics, submitit, tabulate, yaml
+import faiss, numpy, pandas, sklearn.metrics, submitit, tabulate, torchvision, yaml
 import bench.augment, bench.cli, bench.cluster, bench.config, bench.data, bench.data.digits, bench.env, bench.io
 import bench.launch, bench.metrics, bench.runner, bench.store, bench.table
 import methods.byol, methods.engine, methods.kmeans, methods.nets

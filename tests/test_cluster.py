@@ -52,3 +52,15 @@ def test_knn_faiss_equals_torch_and_excludes_self():
     s = xn @ xn.T
     np.fill_diagonal(s, -np.inf)
     assert np.array_equal(np.argsort(-s, axis=1, kind="stable")[:, :10], i1)
+
+
+def test_restart_with_lowest_inertia_wins_for_spherical_too():
+    from bench.cluster import _inertia
+
+    x, _ = blobs(n=800, k=10, d=8, seed=11)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    best = kmeans(x, 10, restarts=6, spherical=True, seed=1)
+    singles = [kmeans(x, 10, restarts=1, spherical=True, seed=s) for s in range(6)]
+    assert best.inertia == pytest.approx(_inertia(x, best.centroids, best.labels))
+    assert best.inertia <= min(r.inertia for r in singles) + 1e-3 or best.inertia <= np.median(
+        [r.inertia for r in singles])

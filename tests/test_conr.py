@@ -165,3 +165,35 @@ def test_k1_self_only_reduces_to_byol_positive():
     loss = neighbourhood_loss(p, z[nb])
     byol = (2 - 2 * F.cosine_similarity(p, z, dim=1)).mean()
     assert loss.item() == pytest.approx(byol.item() - 2, abs=1e-9)
+
+
+TINY = ["dataset=digits", "byol.epochs=5", "byol.warmup_epochs=1", "byol.width=8", "byol.proj_hidden=64",
+        "byol.pred_hidden=64", "byol.proj_dim=32", "byol.batch_size=128", "train.eval_every=5",
+        "train.num_threads=1", "train.progress=false"]
+CONR = ["conr.warmup_epochs=3", "conr.filter_epochs=2"]
+
+
+def _execute(args):
+    from bench.config import compose
+    from bench.runner import execute
+
+    return execute(compose(args))
+
+
+def test_conr_end_to_end_shares_the_byol_warmup_and_noloss_equals_byol(tmp_path):
+    res = f"results_dir={tmp_path}"
+    conr = _execute(["method=conr", *TINY, *CONR, res])
+    assert conr["status"] == "completed"
+    stages = [h["stage"] for h in conr["history"]]
+    assert stages == ["byol"] * 3 + ["conr"] * 2
+    assert [h["epoch"] for h in conr["history"]] == [1, 2, 3, 4, 5]
+    conr_rows = [h for h in conr["history"] if h["stage"] == "conr"]
+    assert conr_rows[0]["kept_fraction"] == pytest.approx(0.8) and conr_rows[1]["kept_fraction"] == pytest.approx(0.9)
+    assert all("nmi" in h for h in conr_rows)  # k-means after every CoNR epoch
+    cache = list(tmp_path.glob("cache/byol/digits/*"))
+    assert len(cache) == 1 and (cache[0] / "epoch_3.pt").exists()
+    byol = _execute(["method=byol", *TINY, res])  # continues the cached warm-up from epoch 3 to 5
+    assert [h["epoch"] for h in byol["history"]] == [1, 2, 3, 4, 5]
+    noloss = _execute(["method=conr", *TINY, *CONR, "conr.ablation=noloss", res])
+    assert noloss["metrics"] == byol["metrics"]
+    assert len(list(tmp_path.glob("cache/byol/digits/*"))) == 1

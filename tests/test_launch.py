@@ -116,6 +116,16 @@ def test_combined_state(job_state, record, cancelled, expected):
     assert launch.combined_state(job_state, record, cancelled) == expected
 
 
+def test_a_job_whose_own_record_says_failed_is_failed_while_it_ends():
+    assert launch.combined_state("RUNNING", "failed", error_type="DatasetError", written_by_this_job=True) == "failed"
+    # an older attempt's failure while the job runs again, or a stop for a requeue: the job's state
+    assert launch.combined_state("RUNNING", "failed", error_type="DatasetError") == "running"
+    assert launch.combined_state("RUNNING", "failed", error_type="Preempted", written_by_this_job=True) == "running"
+    rec = {"slurm": {"job_id": "17", "array_job_id": "12", "array_task_id": "3"}}
+    assert launch._record_job_ids(rec) == {"17", "12_3"}
+    assert launch._record_job_ids({"slurm": None}) == set()
+
+
 def test_a_run_stopped_by_cancel_reads_cancelled():
     assert launch.combined_state("ENDED", "failed", False, error_type="Cancelled") == "cancelled"
     assert launch.combined_state("", "failed", False, error_type="RuntimeError") == "failed"
