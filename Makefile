@@ -57,6 +57,11 @@ perf: $(VENV)
 	@mkdir -p results/perf
 	$(PY) -m pytest -q tests/perf --benchmark-only --benchmark-json=results/perf/latest.json $(PYTEST_ARGS)
 
+chaos: $(VENV)
+	@tally=$$(mktemp); \
+	CHAOS_REPORT=$$tally OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -m chaos $(PYTEST_ARGS); status=$$?; \
+	echo; $(PY) scripts/chaos_report.py $$tally --pytest-status $$status; rc=$$?; rm -f $$tally; exit $$rc
+
 lint: $(VENV)
 	$(PY) -m ruff check bench methods tests scripts
 

@@ -37,7 +37,7 @@ SELECTORS = ("method", "dataset", "preset")
 #: Keys that do not change what is computed, so they stay out of the config hash.
 UNHASHED = ("seed", "seeds", "results_dir", "launcher", "tag", "train.progress", "train.device",
             "train.num_threads", "dataset.root", "dataset.download", "dataset.description", "dataset.source",
-            "ablation", "sweep")
+            "ablation", "sweep", "byol.keep_epochs")
 
 
 @dataclass

@@ -423,7 +423,7 @@ def plan_sweep(methods: list[str], datasets: list[str], seeds: list[int], overri
                 except ImportError as exc:
                     raise ConfigError(f"method {method!r} cannot be imported ({exc})") from exc
                 except BenchError as exc:
-                    raise type(exc)(f"{method} on {dataset} seed {seed}: {exc}") from exc
+                    raise ConfigError(f"{method} on {dataset} seed {seed}: {exc}") from exc
                 h = config_hash(cfg)
                 rid = store.run_id(seed, h, cfg.tag)
                 folder = store.run_dir(cfg.results_dir, method, dataset, rid)
@@ -581,6 +581,7 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
 
 
 def _pid_alive(job_id: str) -> bool:
+    """Is the local job (submitit's controller process, whose pid is the job id) still running?"""
     try:
         pid = int(job_id)
     except (TypeError, ValueError):
@@ -590,12 +591,16 @@ def _pid_alive(job_id: str) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    try:  # a finished child that nobody waited for is a zombie, not a running job
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+        return False  # not ours: a pid reused by another user's process
+    proc = Path(f"/proc/{pid}")
+    if not proc.exists():
+        return True  # no /proc to look closer
+    try:  # a finished child that nobody waited for is a zombie; a reused pid runs something else
+        if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        return b"submitit" in (proc / "cmdline").read_bytes()
+    except (OSError, IndexError):
+        return False
 
 
 def run_states(manifest: dict) -> list[dict]:

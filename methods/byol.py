@@ -45,6 +45,8 @@ class BYOLConfig:
     ema_base: float = 0.996
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     eval_features: str = "projector"  # projector (the papers' choice) | backbone
+    # epochs whose checkpoints the stage keeps for other methods (CoNR's warm-up); not part of the hash
+    keep_epochs: list[int] = field(default_factory=list)
 
 
 def validate_byol(node, cfg, name: str = "byol") -> None:
@@ -191,7 +193,7 @@ class BYOLStage:
         from methods.engine import Trainer, stage_lock
 
         self.stage.stop_at = stop_at
-        self.stage.keep_epochs = tuple(keep)
+        self.stage.keep_epochs = tuple(sorted({*keep, *(int(e) for e in self.node.keep_epochs)}))
         self.trainer = Trainer(self.ctx, self.stage, self.gen)
         target = min(self.stage.epochs, stop_at or self.stage.epochs)
         with stage_lock(self.folder):

@@ -71,9 +71,9 @@ stop_daemon() {  # stop_daemon <name>: TERM, wait up to 15 s, then KILL
     rm -f "$f"
 }
 
-wait_for() {  # wait_for <seconds> <description> <command...>
-    local secs=$1 what=$2 i
-    shift 2
+wait_for() {  # wait_for <seconds> <command...>: true once the command succeeds
+    local secs=$1 i
+    shift
     for ((i = 0; i < secs * 10; i++)); do
         if "$@" >/dev/null 2>&1; then return 0; fi
         sleep 0.1
@@ -219,7 +219,7 @@ start_munge() {
     : >"$LOG/munged.out"
     chown munge:munge "$LOG/munged.out"
     start_daemon munged setpriv --reuid=munge --regid=munge --init-groups munged -F
-    wait_for 10 munged munge_ok || { show_log_tail "$LOG/munged.out" /var/log/munge/munged.log; die "munged did not start"; }
+    wait_for 10 munge_ok || { show_log_tail "$LOG/munged.out" /var/log/munge/munged.log; die "munged did not start"; }
     say "started munged (pid $(<"$RUN/munged.pid"))"
 }
 
@@ -241,7 +241,7 @@ start_mariadb() {
     start_daemon mariadb mariadbd --no-defaults --datadir="$DB_DIR" --user=root --socket="$DB_SOCK" \
         --port="$DB_PORT" --bind-address=127.0.0.1 --skip-name-resolve --pid-file="$RUN/mariadb.own.pid" \
         --log-error="$LOG/mariadb.log" --innodb-buffer-pool-size=32M --max-connections=50
-    wait_for 30 MariaDB db -e 'select 1' || { show_log_tail "$LOG/mariadb.log"; die "MariaDB did not start"; }
+    wait_for 30 db -e 'select 1' || { show_log_tail "$LOG/mariadb.log"; die "MariaDB did not start"; }
     db -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
            CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
            CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
@@ -257,7 +257,7 @@ start_slurmdbd() {
     fi
     port_busy "$DBD_PORT" && die "port $DBD_PORT (slurmdbd) is taken by another program; set BENCH_SLURM_DBD_PORT"
     SLURM_CONF=$CONF start_daemon slurmdbd slurmdbd -D
-    wait_for 30 slurmdbd port_busy "$DBD_PORT" || { show_log_tail "$LOG/slurmdbd.log" "$LOG/slurmdbd.out"; die "slurmdbd did not start"; }
+    wait_for 30 port_busy "$DBD_PORT" || { show_log_tail "$LOG/slurmdbd.log" "$LOG/slurmdbd.out"; die "slurmdbd did not start"; }
     if ! SLURM_CONF=$CONF sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER"; then
         SLURM_CONF=$CONF sacctmgr -i add cluster "$CLUSTER" >/dev/null || die "sacctmgr could not register cluster $CLUSTER"
     fi
@@ -270,7 +270,7 @@ start_slurmctld() {
     fi
     port_busy "$CTLD_PORT" && die "port $CTLD_PORT (slurmctld) is taken by another program; set BENCH_SLURM_CTLD_PORT"
     SLURM_CONF=$CONF start_daemon slurmctld slurmctld -D -i
-    wait_for 30 slurmctld env SLURM_CONF="$CONF" scontrol ping ||
+    wait_for 30 env SLURM_CONF="$CONF" scontrol ping ||
         { show_log_tail "$LOG/slurmctld.log" "$LOG/slurmctld.out"; die "slurmctld did not answer scontrol ping"; }
     say "started slurmctld (pid $(<"$RUN/slurmctld.pid"), port $CTLD_PORT)"
 }
@@ -285,12 +285,12 @@ start_slurmd() {
         SLURM_CONF=$CONF start_daemon slurmd slurmd -D -N localhost
         say "started slurmd (pid $(<"$RUN/slurmd.pid"))"
     fi
-    if ! wait_for 20 "node" node_ready; then
+    if ! wait_for 20 node_ready; then
         case $(node_state) in
             drain* | down* | fail*)
                 SLURM_CONF=$CONF scontrol update nodename=localhost state=resume >/dev/null 2>&1 || true ;;
         esac
-        wait_for 20 "node" node_ready ||
+        wait_for 20 node_ready ||
             { show_log_tail "$LOG/slurmd.log" "$LOG/slurmd.out"; die "node localhost is '$(node_state)', not idle"; }
     fi
 }
@@ -344,7 +344,7 @@ cmd_down() {
             say "cancelling jobs: $jobs"
             # shellcheck disable=SC2086
             SLURM_CONF=$CONF scancel $jobs 2>/dev/null || true
-            wait_for 10 "jobs" bash -c "[[ -z \$(SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null) ]]" || true
+            wait_for 10 bash -c "[[ -z \$(SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null) ]]" || true
         fi
     fi
     stop_daemon slurmd
@@ -352,7 +352,7 @@ cmd_down() {
     stop_daemon slurmdbd
     stop_daemon mariadb
     stop_daemon munged
-    pkill_stale_steps
+    kill_stale_steps
     if [[ $purge == 1 ]]; then
         exec 9>&-
         rm -rf "$STATE"
@@ -361,7 +361,7 @@ cmd_down() {
     say "cluster '$CLUSTER' is down"
 }
 
-pkill_stale_steps() {  # job step daemons left behind by a stopped slurmd, found by their config path
+kill_stale_steps() {  # job step daemons left behind by a stopped slurmd, found by their config path
     local pid
     for pid in $(pgrep -x slurmstepd 2>/dev/null || true); do
         if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "SLURM_CONF=$CONF"; then

@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import ROOT
 
 from bench import store
 from bench.errors import BenchError, CheckpointError
 from bench.io import WriteError, atomic_write_json
-from conftest import ROOT
 from methods.engine import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.chaos

@@ -256,6 +256,25 @@ def test_relaunch_reruns_failed_and_missing_runs_only(cli, results):
     assert compose(["method=kmeans", f"results_dir={results}"]).results_dir == str(results)
 
 
+def test_a_run_still_queued_by_an_earlier_sweep_is_not_submitted_again(results):
+    plan = launch.plan_sweep(["kmeans"], ["digits"], [0, 1], [f"results_dir={results}"])
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit"])
+    try:
+        launch.write_manifest(results, {"sweep_id": "earlier", "created": "2020-01-01T00:00:00+00:00",
+                                        "launcher": "local", "cancelled": None,
+                                        "runs": [{**plan[0].entry(), "job_id": str(stand_in.pid)}]})
+        launch._mark_active_elsewhere(plan, results)
+        assert plan[0].skip_reason == f"already queued as job {stand_in.pid} of sweep earlier"
+        assert plan[1].skip_reason is None
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    plan = launch.plan_sweep(["kmeans"], ["digits"], [0], [f"results_dir={results}"])
+    launch._mark_active_elsewhere(plan, results)
+    assert plan[0].skip_reason is None
+    assert not launch._pid_alive(str(os.getpid()))  # alive, but not a submitit job
+
+
 def test_sweep_checks_every_config_before_running_anything(cli, results):
     p = cli("sweep", "methods=[kmeans]", "seeds=[0]", "launcher=debug", f"results_dir={results}", "eval.nosuch=1")
     assert p.returncode == 2

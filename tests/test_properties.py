@@ -17,7 +17,8 @@ from bench import store
 from bench import table as tbl
 from bench.metrics import ari, cluster_acc, contingency, evaluate, nmi
 
-SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # a pandas frame each
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def _same_cell(a: tbl.Cell, b: tbl.Cell) -> bool:
     return a.n == b.n and a.text == b.text and a.state == b.state and close(a.mean, b.mean) and close(a.std, b.std)
 
 
-@SETTINGS
+@SLOW
 @given(st.lists(record, max_size=30), st.randoms(use_true_random=False))
 def test_the_table_does_not_depend_on_the_order_of_the_records(records, rnd):
     shuffled = list(records)
@@ -145,7 +146,7 @@ def test_the_table_does_not_depend_on_the_order_of_the_records(records, rnd):
     assert [(r.key, r.runs) for r in a.rows] == [(r.key, r.runs) for r in b.rows]
 
 
-@SETTINGS
+@SLOW
 @given(st.lists(record, max_size=30))
 def test_cells_are_the_mean_of_the_completed_runs_and_ranks_mark_the_best(records):
     t = tbl.build_table(records)
@@ -178,7 +179,7 @@ def test_cells_are_the_mean_of_the_completed_runs_and_ranks_mark_the_best(record
                     assert c.rank == 0
 
 
-@SETTINGS
+@SLOW
 @given(st.lists(record, min_size=1, max_size=20), st.lists(record, min_size=1, max_size=10))
 def test_runs_that_did_not_complete_never_change_a_number(records, others):
     unfinished = [{**r, "status": s, "metrics": {m: 0.999 for m in tbl.METRICS}}
@@ -194,8 +195,8 @@ def test_runs_that_did_not_complete_never_change_a_number(records, others):
     assert int(agg["runs"].sum()) == len(records) + len(unfinished)
 
 
-@SETTINGS
-@given(st.lists(record, max_size=15))
+@SLOW
+@given(st.lists(record, max_size=12))
 def test_every_format_renders_every_row(records):
     t = tbl.build_table(records)
     for fmt in tbl.FORMATS:
@@ -218,7 +219,7 @@ store_record = st.fixed_dictionaries(
     optional={"extra": json_value, "history": st.lists(st.dictionaries(st.text(max_size=6), json_leaf), max_size=5)})
 
 
-@SETTINGS
+@SLOW
 @given(st.lists(store_record, max_size=8), st.lists(st.binary(max_size=64), max_size=4))
 def test_records_round_trip_and_damaged_ones_are_reported_not_dropped(records, garbage):
     with tempfile.TemporaryDirectory() as tmp:
