@@ -224,8 +224,8 @@ class Trainer:
         save_checkpoint(path, st)
         return path
 
-    def resume_partial(self) -> dict | None:
-        """Continue from partial.pt when it holds the middle of the next epoch; an unusable one is skipped."""
+    def read_partial(self) -> dict | None:
+        """partial.pt when it holds the middle of the next epoch (an unusable one is skipped), else None."""
         path = self.partial_path()
         if not path.exists():
             return None
@@ -238,9 +238,7 @@ class Trainer:
         if not isinstance(part, dict) or ckpt.get("epoch") != self.epoch or part.get("epoch") != self.epoch + 1 \
                 or ckpt.get("step") != self.step + part.get("batch", -1):
             return None  # the middle of another epoch than the next one: not ours to continue
-        self.load(ckpt)
-        self.ctx.log(f"{self.s.name}: resumed from {path} (epoch {part['epoch']} after {part['batch']} batches)")
-        return part
+        return ckpt
 
     # ----- schedule
     def set_lr(self) -> float:
@@ -273,7 +271,7 @@ class Trainer:
         end = min(s.epochs, s.stop_at or s.epochs)
         eval_every = int(self.ctx.cfg.train.eval_every)
         progress = self.ctx.progress
-        part = self.resume_partial() if self.epoch < end else None
+        partial = self.read_partial() if self.epoch < end else None
         bar = _bar(total=end, initial=self.epoch, desc=s.name, disable=not progress, unit="ep")
         STOP.hold()  # from here a stop signal is acted on between steps, once the state is saved
         try:
@@ -286,9 +284,11 @@ class Trainer:
                 n_batches = n_items // s.batch_size if drop_last else math.ceil(n_items / s.batch_size)
                 n_batches = max(1, n_batches)
                 t0, seen, loss_sum, extra_sum, first = time.time(), 0, 0.0, {}, 0
-                if part is not None:  # continue in the middle of this epoch
+                if partial is not None:  # continue in the middle of this epoch; epoch_begin saw its start
+                    self.load(partial)
+                    part, partial = partial["partial"], None
                     first, loss_sum, extra_sum = int(part["batch"]), float(part["loss_sum"]), dict(part["extra_sum"])
-                    part = None
+                    self.ctx.log(f"{s.name}: resumed from {self.partial_path()} (epoch {e} after {first} batches)")
                 inner = _bar(total=n_batches, initial=first, desc=f"{s.name} epoch {e}", leave=False,
                              disable=not progress or n_batches < 20, unit="it")
                 for b in range(first, n_batches):

@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT
 
 from bench.errors import CheckpointError
-from conftest import ROOT
 from methods.engine import ema_momentum, load_checkpoint, save_checkpoint, scaled_lr, warmup_cosine
 
 TINY = ["method=byol", "dataset=digits", "byol.epochs=6", "byol.warmup_epochs=1", "byol.width=8",
