@@ -218,6 +218,7 @@ def compose(args: list[str] | None = None, **selectors: str) -> DictConfig:
         for name, node in nodes.items():
             base[name] = node
     OmegaConf.set_struct(base, True)
+    OmegaConf.set_struct(base.launcher.additional, False)  # extra sbatch options: any key passes through
     base.method = method
 
     card = load_card(dataset)

@@ -45,6 +45,9 @@ class Preempted(SystemExit):
     def __str__(self) -> str:
         return f"stopped by {signal.Signals(self.signum).name}" + (f": {self.note}" if self.note else "")
 
+    def __reduce__(self):
+        return (Preempted, (self.signum, self.note))
+
 
 class StopSignals:
     """SIGTERM, SIGUSR1 and SIGUSR2 while a run executes (what SLURM sends before a time limit or a preemption).
@@ -294,7 +297,7 @@ def execute(cfg: DictConfig, *, force: bool = False) -> dict:
     except BaseException as exc:
         if STOP.requested and isinstance(exc, (SystemExit, KeyboardInterrupt)):
             name = signal.Signals(STOP.signum).name
-            where = STOP.note or "during no training step, so the last checkpoint stands"
+            where = STOP.note or "outside a training step, so the last checkpoint stands"
             record.update(status="failed", error={
                 "type": "Preempted", "signal": name,
                 "message": f"stopped by {name}: {where}; starting the same run again resumes it"})

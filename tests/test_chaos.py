@@ -518,6 +518,78 @@ def test_submitit_requeue_resubmits_the_same_config_without_force():
     assert delayed.function.cfg == job.cfg and delayed.function.force is False
 
 
+def _tiny_trainer(folder: Path, seen: list, stop_at_step: int | None = None):
+    """A small model on random data, with hooks like CoNR's and NNM's (state made at the start of each epoch)."""
+    from types import SimpleNamespace
+
+    import torch.nn as nn
+    from omegaconf import OmegaConf
+
+    from bench.runner import STOP
+    from methods.engine import Stage, Trainer
+
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    stage = Stage(name="tiny", folder=folder, config_hash="h", modules={"net": net}, optimizer=opt, base_lr=0.1,
+                  epochs=4, steps_per_epoch=5, batch_size=4, warmup_epochs=1)
+    ctx = SimpleNamespace(cfg=OmegaConf.create({"train": {"eval_every": 0}}), progress=False, seed=0,
+                          log=lambda msg: None, log_json=lambda row: None, add_history=lambda row: None)
+    gen = torch.Generator().manual_seed(0)
+    trainer = Trainer(ctx, stage, gen)
+    data = torch.randn(20, 4, generator=torch.Generator().manual_seed(1))
+    state = {}
+
+    def begin(e):
+        state["anchor"] = net.weight.detach().clone()  # made from the weights at the start of the epoch
+        seen.append((e, float(net.weight.detach().sum())))
+
+    def step(idx, k):
+        if stop_at_step is not None and k == stop_at_step:
+            STOP.signum = signal.SIGUSR1  # what the handler does when the signal comes during a step
+        x = data[idx] + 0.1 * torch.randn(len(idx), 4, generator=gen)
+        loss = (net(x) ** 2).mean() + ((net.weight - state["anchor"]) ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return {"loss": loss.detach(), "k": float(k)}
+
+    def end(e):
+        stage.extra_state["epochs_seen"] = torch.tensor(e)
+        return {}
+
+    return trainer, step, begin, end, net
+
+
+def test_a_stop_in_the_middle_of_an_epoch_resumes_exactly_even_with_epoch_hooks(tmp_path, tally):
+    from bench.runner import STOP, Preempted
+
+    seen_a: list = []
+    tr, step, begin, end, net_a = _tiny_trainer(tmp_path / "a", seen_a)
+    hist_a = tr.fit(20, step, epoch_begin=begin, epoch_end=end)
+
+    seen_b: list = []
+    tr, step, begin, end, _ = _tiny_trainer(tmp_path / "b", seen_b, stop_at_step=7)
+    try:
+        with pytest.raises(Preempted) as info:
+            tr.fit(20, step, epoch_begin=begin, epoch_end=end)
+    finally:
+        STOP.signum, STOP.note = None, ""
+    assert info.value.code == 128 + signal.SIGUSR1 and "partial.pt at epoch 2 after 3 of 5 batches" in str(info.value)
+    assert (tmp_path / "b" / "last.pt").exists() and (tmp_path / "b" / "partial.pt").exists()
+    tr, step, begin, end, net_b = _tiny_trainer(tmp_path / "b", seen_b)
+    assert tr.resume()
+    hist_b = tr.fit(20, step, epoch_begin=begin, epoch_end=end)
+    tally["faults"] = tally["runs"] = 1
+    same = (seen_b == [seen_a[0], seen_a[1], seen_a[1], seen_a[2], seen_a[3]]
+            and [h["loss"] for h in hist_a] == [h["loss"] for h in hist_b]
+            and [h["k"] for h in hist_a] == [h["k"] for h in hist_b]
+            and torch.equal(net_a.weight, net_b.weight) and torch.equal(net_a.bias, net_b.bias))
+    tally["survived"], tally["lost_or_wrong"] = int(same), int(not same)
+    assert same, (seen_a, seen_b)
+    assert not (tmp_path / "b" / "partial.pt").exists()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # damaged files on disk
 

@@ -17,8 +17,9 @@ from bench import store
 from bench import table as tbl
 from bench.metrics import ari, cluster_acc, contingency, evaluate, nmi
 
-SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SLOW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # a pandas frame each
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # a pandas frame each
+SLOWER = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # four renderings each
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def test_runs_that_did_not_complete_never_change_a_number(records, others):
     assert int(agg["runs"].sum()) == len(records) + len(unfinished)
 
 
-@SLOW
+@SLOWER
 @given(st.lists(record, max_size=12))
 def test_every_format_renders_every_row(records):
     t = tbl.build_table(records)
