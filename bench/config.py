@@ -267,7 +267,8 @@ def _merge_checked(cfg: DictConfig, data: dict, where: str) -> None:
     try:
         merged = OmegaConf.merge(cfg, data)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{where}: {_short(exc)}") from exc
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"{where}: bad value for {key!r}: {_short(exc)}" if key else f"{where}: {_short(exc)}") from exc
     for key in merged:
         cfg[key] = merged[key]
 

@@ -58,7 +58,7 @@ def validate_byol(node, cfg, name: str = "byol") -> None:
         raise ConfigError(f"{name}.base_lr must be > 0, got {node.base_lr}")
     if not 0 <= node.warmup_epochs <= node.epochs:
         raise ConfigError(f"{name}.warmup_epochs must be between 0 and {name}.epochs")
-    if not 0 < node.crop_scale[0] <= node.crop_scale[1] <= 1:
+    if len(node.crop_scale) != 2 or not 0 < node.crop_scale[0] <= node.crop_scale[1] <= 1:
         raise ConfigError(f"{name}.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(node.crop_scale)}")
     if node.optimizer not in ("sgd", "adamw"):
         raise ConfigError(f"{name}.optimizer must be sgd or adamw, got {node.optimizer!r}")
@@ -207,6 +207,8 @@ class BYOLStage:
                     raise RuntimeError(
                         f"stage {self.stage.name} in {self.folder} is already past epoch {target} and "
                         f"epoch_{target}.pt was not kept; delete the folder to retrain it")
+            # the record shows the stage's whole history, also after a resume
+            self.ctx.record["history"] = [h for h in self.trainer.history if h["epoch"] <= target]
             if self.trainer.epoch < target:
                 self.trainer.fit(len(self.images), self.step, evaluate=self.evaluate)
         return self.trainer.history

@@ -214,7 +214,7 @@ def validate_conr(cfg) -> None:
         raise ConfigError(f"conr.ablation must be one of {', '.join(ABLATIONS)}, got {c.ablation!r}")
     if not 0 < c.filter_start <= 1:
         raise ConfigError(f"conr.filter_start must be in (0, 1], got {c.filter_start}")
-    if not 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1:
+    if len(c.crop_scale) != 2 or not 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1:
         raise ConfigError(f"conr.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(c.crop_scale)}")
 
 
@@ -352,6 +352,7 @@ class CoNRPhase:
 
         self.trainer = Trainer(self.ctx, self.stage, self.gen)
         self.trainer.resume()
+        self.ctx.record["history"] = list(self.ctx.record.get("history", [])) + list(self.trainer.history)
         if self.trainer.epoch < self.stage.epochs:
             self.trainer.fit(len(self.images), self.step, epoch_begin=self.epoch_begin, epoch_end=self.epoch_end,
                              evaluate=None if self.data.eval_is_train else self.byol.evaluate)
@@ -384,7 +385,7 @@ class CoNRMethod(Method):
             ctx.update(history=list(warm_hist))
             phase = CoNRPhase(ctx, data, byol)
             hist = phase.run()
-            ctx.update(history=warm_hist + [{**h, "epoch": h["epoch"] + int(c.warmup_epochs)} for h in hist])
+            ctx.update(history=warm_hist + list(hist))  # phase rows carry epochs of the whole schedule
         ctx.update(artifacts={**ctx.record.get("artifacts", {}), "byol_stage": str(byol.folder)})
         feats = byol.features(data.eval.images)
         res = ctx.evaluate_features(feats, data.eval.labels)["_kmeans"]

@@ -313,7 +313,7 @@ class Trainer:
                 inner.close()
                 dt = time.time() - t0
                 self.epoch = e
-                row: dict[str, Any] = {"stage": s.name, "epoch": e, "loss": loss_sum / n_batches, "lr": lr,
+                row: dict[str, Any] = {"stage": s.name, "epoch": e + s.lr_offset_epochs, "loss": loss_sum / n_batches, "lr": lr,
                                        "images_per_s": round(seen / max(dt, 1e-9), 1), "epoch_s": round(dt, 3)}
                 row.update({k: v / n_batches for k, v in extra_sum.items()})
                 if epoch_end:

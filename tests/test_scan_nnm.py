@@ -290,9 +290,23 @@ def test_inductive_protocol_trains_on_train_and_predicts_test(tmp_path):
     assert preds(rec, tmp_path)["labels_pred"].shape == (359,)
 
 
-def test_start_from_byol_with_strong_views(tmp_path):
-    rec = run(tmp_path, "scan", "simclr.init=byol", "byol.epochs=1", "byol.warmup_epochs=0",
-              "scan.epochs=1", "scan.augment=strong", "selflabel.epochs=0")
+def test_views_have_the_training_shape():
+    from bench.config import compose, to_container
+    from methods.scan import make_view
+
+    card = to_container(compose(["method=scan"]).dataset)
+    x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    for kind in ("strong", "weak"):
+        v = make_view(card, kind, (0.6, 1.0), 16)(x, torch.Generator().manual_seed(0))
+        assert v.shape == (6, 1, 16, 16) and v.dtype == torch.float32
+        a = make_view(card, kind, (0.6, 1.0), 16)(x, torch.Generator().manual_seed(1))
+        b = make_view(card, kind, (0.6, 1.0), 16)(x, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(a, b)  # the generator decides every draw
+
+
+def test_start_from_byol(tmp_path):
+    rec = run(tmp_path, "scan", "dataset.protocol=inductive", "simclr.init=byol", "byol.epochs=1",
+              "byol.warmup_epochs=0", "scan.epochs=1", "selflabel.epochs=0")
     assert rec["status"] == "completed", rec.get("error")
     assert set(rec["stage_metrics"]) == {"scan"}
     assert (tmp_path / "cache" / "byol" / "digits").is_dir()
