@@ -116,6 +116,13 @@ def make_trainer(ctx, stage, generator):
     return ConstantLR(ctx, stage, generator)
 
 
+def resume_into_record(ctx, trainer) -> None:
+    """Resume the stage; the record's history = the earlier stages' rows + this stage's rows so far."""
+    before = [h for h in ctx.record.get("history", []) if h.get("stage") != trainer.s.name]
+    trainer.resume()
+    ctx.record["history"] = before + list(trainer.history)
+
+
 def adam(model, lr: float, weight_decay: float, backbone_factor: float = 1.0) -> torch.optim.Optimizer:
     from methods.engine import param_groups
 
@@ -216,7 +223,7 @@ class HeadStageBase:
 
     def run(self) -> list[dict]:
         self.trainer = make_trainer(self.ctx, self.stage, self.gen)
-        self.trainer.resume()
+        resume_into_record(self.ctx, self.trainer)
         if self.trainer.epoch < self.stage.epochs:
             self.trainer.fit(len(self.images), self.step, evaluate=self.evaluate, **self.fit_hooks())
         return self.trainer.history
@@ -322,7 +329,7 @@ class SelfLabelStage:
 
     def run(self) -> list[dict]:
         self.trainer = make_trainer(self.ctx, self.stage, self.gen)
-        self.trainer.resume()
+        resume_into_record(self.ctx, self.trainer)
         if self.trainer.epoch < self.stage.epochs:
             self.trainer.fit(len(self.images), self.step, evaluate=self.evaluate)
         return self.trainer.history

@@ -184,6 +184,7 @@ class SimCLRStage:
         self.trainer = Trainer(self.ctx, self.stage, self.gen)
         with stage_lock(self.folder):
             self.trainer.resume()
+            self.ctx.record["history"] = list(self.trainer.history)  # the whole stage, also after a resume
             if self.trainer.epoch < self.stage.epochs:
                 self.trainer.fit(len(self.images), self.step, evaluate=self.evaluate)
         return self.trainer.history

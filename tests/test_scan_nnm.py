@@ -210,11 +210,11 @@ TINY = [
 ]
 
 
-def run(results: Path, method: str, *args: str) -> dict:
+def run(results: Path, method: str, *args: str, force: bool = False) -> dict:
     from bench.config import compose
     from bench.runner import execute
 
-    return execute(compose([f"method={method}", f"results_dir={results}", *TINY, *args]))
+    return execute(compose([f"method={method}", f"results_dir={results}", *TINY, *args]), force=force)
 
 
 def preds(record: dict, results: Path) -> dict:
@@ -280,6 +280,16 @@ def test_predictions_do_not_depend_on_labels(shared, monkeypatch):
     assert again["extra"]["scan_head"] == scan["extra"]["scan_head"]
     np.testing.assert_array_equal(preds(again, results)["labels_pred"], preds(scan, results)["labels_pred"])
     assert again["metrics"]["nmi"] == pytest.approx(scan["metrics"]["nmi"])  # NMI is invariant to renaming
+
+
+def test_a_rerun_resumes_every_stage_from_its_checkpoint(shared):
+    results, scan, _ = shared
+    again = run(results, "scan", "scan.epochs=1", "selflabel.epochs=1", "selflabel.threshold=0.5", force=True)
+    assert again["run_id"] == scan["run_id"]
+    np.testing.assert_array_equal(preds(again, results)["labels_pred"], preds(scan, results)["labels_pred"])
+    assert [(h["stage"], h["epoch"]) for h in again["history"]] == [(h["stage"], h["epoch"]) for h in scan["history"]]
+    log = (results / "runs" / "scan" / "digits" / scan["run_id"] / "log.txt").read_text()
+    assert "scan: resumed from" in log and "selflabel: resumed from" in log
 
 
 def test_inductive_protocol_trains_on_train_and_predicts_test(tmp_path):
