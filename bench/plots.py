@@ -345,7 +345,7 @@ def overview_figure(rows: list[dict[str, Any]], datasets: list[str], dataset_lab
     nrows = math.ceil(n / ncols)
     with style():
         width = min(max(4.5, 0.8 * max(len(rows), 1) + 1.5), 7.0)
-        fig = new_figure(width * ncols, 3.6 * nrows + 0.6)
+        fig = new_figure(max(width * ncols, 5.5), 3.6 * nrows + 0.6)
         grid = fig.subplots(nrows, ncols, sharey=True, squeeze=False)
         axes = grid.ravel()
         for ax in axes[n:]:
@@ -382,5 +382,6 @@ def overview_figure(rows: list[dict[str, Any]], datasets: list[str], dataset_lab
             row[0].set_ylabel("score (%)")
         names = [k for k in ("NMI", "ACC", "ARI", "reported") if k in handles]
         fig.legend([handles[k] for k in names], names, loc="outside lower center", ncol=len(names))
-        fig.suptitle("Results per dataset (mean ± std over completed runs)", fontsize=12, fontweight="bold")
+        title = "Results per dataset (mean ± std over completed runs)" if ncols > 1 else "Mean ± std over completed runs"
+        fig.suptitle(title, fontsize=12, fontweight="bold")
     return fig
