@@ -36,7 +36,8 @@ def plot(series: dict[str, list[tuple[int, float]]], out: Path, title: str) -> N
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(10, 6.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(12, 7), dpi=120)
+    colours = plt.get_cmap("tab20").colors
     markers = "osD^v<>ph*"
     for i, (name, pts) in enumerate(sorted(series.items())):
         n = np.array([p[0] for p in pts], dtype=float)
@@ -45,9 +46,10 @@ def plot(series: dict[str, list[tuple[int, float]]], out: Path, title: str) -> N
         if len(pts) >= 2 and len(set(n)) >= 2:
             slope = np.polyfit(np.log(n), np.log(t), 1)[0]
             label = f"{name}  (slope {slope:.2f})"
-            ax.plot(n, t, marker=markers[i % len(markers)], linewidth=2, label=label)
+            ax.plot(n, t, marker=markers[i % len(markers)], color=colours[i % len(colours)], linewidth=2, label=label)
         else:
-            ax.plot(n, t, marker=markers[i % len(markers)], linestyle="none", markersize=9, label=label)
+            ax.plot(n, t, marker=markers[i % len(markers)], color=colours[i % len(colours)], linestyle="none",
+                    markersize=9, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("n (points, batch size, or images)", fontsize=12)
