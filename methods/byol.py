@@ -128,8 +128,8 @@ class BYOLStage:
     """Builds, trains (or resumes) and serves the BYOL stage for BYOL and CoNR."""
 
     def __init__(self, ctx, data, node_name: str = "byol"):
-        from bench.config import config_hash, to_container
-        from methods.engine import Stage, configure_device, scaled_lr
+        from bench.config import to_container
+        from methods.engine import configure_device, pretext_stage
 
         self.ctx, self.data = ctx, data
         self.node = ctx.cfg[node_name]
@@ -142,18 +142,7 @@ class BYOLStage:
         if self.device.startswith("cuda") and ctx.cfg.train.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.opt = make_optimizer(node, self.net)
-        self.images = data.train.images.to(self.device)
-        n = len(self.images)
-        if node.batch_size > n:
-            raise ConfigError(f"{node_name}.batch_size={node.batch_size} is larger than the {n} training images")
-        self.gen = torch.Generator(device=self.device).manual_seed(ctx.seed)
-        self.folder = ctx.cache_dir(node_name, [node_name])
-        self.stage = Stage(
-            name=node_name, folder=self.folder, config_hash=config_hash(ctx.cfg, keys=["dataset", node_name]),
-            modules={"net": self.net}, optimizer=self.opt, base_lr=scaled_lr(node.base_lr, node.batch_size),
-            epochs=int(node.epochs), steps_per_epoch=n // node.batch_size, warmup_epochs=node.warmup_epochs,
-            batch_size=int(node.batch_size),
-        )
+        self.images, self.gen, self.folder, self.stage = pretext_stage(ctx, data, node_name, self.net, self.opt)
         from bench.augment import BatchAugment, two_view_spec
 
         self.aug = BatchAugment(two_view_spec(self.card, tuple(node.crop_scale), self.input_size))

@@ -362,3 +362,28 @@ def autocast(device: str, enabled: bool):
 
 def env_threads() -> int:
     return int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or (os.cpu_count() or 1)
+
+
+def pretext_stage(ctx, data, node_name: str, net: nn.Module, optimizer: torch.optim.Optimizer):
+    """What every cached pretext stage (BYOL, SimCLR) sets up alike.
+
+    Returns (images on the device, the stage's generator, its cache folder, its Stage), with the stage
+    keyed by the hash of the dataset and the stage's config node, and the batch checked against the data.
+    """
+    from bench.config import config_hash
+    from bench.errors import ConfigError
+
+    node = ctx.cfg[node_name]
+    images = data.train.images.to(ctx.device)
+    n = len(images)
+    if node.batch_size > n:
+        raise ConfigError(f"{node_name}.batch_size={node.batch_size} is larger than the {n} training images")
+    gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
+    folder = ctx.cache_dir(node_name, [node_name])
+    stage = Stage(
+        name=node_name, folder=folder, config_hash=config_hash(ctx.cfg, keys=["dataset", node_name]),
+        modules={"net": net}, optimizer=optimizer, base_lr=scaled_lr(node.base_lr, node.batch_size),
+        epochs=int(node.epochs), steps_per_epoch=n // node.batch_size, warmup_epochs=node.warmup_epochs,
+        batch_size=int(node.batch_size),
+    )
+    return images, gen, folder, stage

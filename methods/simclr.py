@@ -120,8 +120,8 @@ class SimCLRStage:
 
     def __init__(self, ctx, data, node_name: str = "simclr"):
         from bench.augment import BatchAugment, two_view_spec
-        from bench.config import config_hash, to_container
-        from methods.engine import Stage, configure_device, param_groups, scaled_lr
+        from bench.config import to_container
+        from methods.engine import configure_device, param_groups, pretext_stage
 
         self.ctx, self.data = ctx, data
         self.node = node = ctx.cfg[node_name]
@@ -137,18 +137,7 @@ class SimCLRStage:
             self.opt = torch.optim.AdamW(groups, lr=node.base_lr)
         else:
             self.opt = torch.optim.SGD(groups, lr=node.base_lr, momentum=node.momentum)
-        self.images = data.train.images.to(self.device)
-        n = len(self.images)
-        if node.batch_size > n:
-            raise ConfigError(f"{node_name}.batch_size={node.batch_size} is larger than the {n} training images")
-        self.gen = torch.Generator(device=self.device).manual_seed(ctx.seed)
-        self.folder = ctx.cache_dir(node_name, [node_name])
-        self.stage = Stage(
-            name=node_name, folder=self.folder, config_hash=config_hash(ctx.cfg, keys=["dataset", node_name]),
-            modules={"net": self.net}, optimizer=self.opt, base_lr=scaled_lr(node.base_lr, node.batch_size),
-            epochs=int(node.epochs), steps_per_epoch=n // node.batch_size, warmup_epochs=node.warmup_epochs,
-            batch_size=int(node.batch_size),
-        )
+        self.images, self.gen, self.folder, self.stage = pretext_stage(ctx, data, node_name, self.net, self.opt)
         self.aug = BatchAugment(two_view_spec(self.card, tuple(node.crop_scale), self.input_size))
 
     def step(self, idx: torch.Tensor, step: int) -> dict:
