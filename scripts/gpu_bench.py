@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,15 +30,10 @@ def _sync(device: str) -> None:
 
 
 def main(argv=None) -> int:
-    import numpy as np
     import torch
 
-    from bench.config import compose
-    from bench.data.base import DataBundle, Split
-    from bench.runner import RunContext, pick_device
-    from methods.byol import BYOLStage
-    from methods.conr import CoNRPhase
-    from methods.engine import Trainer, autocast
+    from bench.runner import pick_device
+    from bench.stepbench import build_steps
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
@@ -53,21 +47,7 @@ def main(argv=None) -> int:
     device = pick_device(a.device)
     if a.smoke:
         a.steps, a.warmup = min(a.steps, 10), min(a.warmup, 3)
-    n = a.batch * 4
-    tmp = tempfile.mkdtemp(prefix="gpu-bench-")
-    cfg = compose(["method=conr", "dataset=cifar10", f"results_dir={tmp}", "train.progress=false",
-                   f"train.device={device}", f"byol.backbone={a.backbone}", f"byol.batch_size={a.batch}",
-                   "byol.epochs=10", "byol.warmup_epochs=1", "conr.warmup_epochs=5"])
-    card = dict(cfg.dataset)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    split = Split(images, np.arange(n) % 10)
-    data = DataBundle("cifar10", {**card, "num_classes": 10}, [str(i) for i in range(10)], split, split,
-                      {"name": "transductive", "train": ["train"], "eval": ["train"]}, True)
-    ctx = RunContext(cfg=cfg, run_dir=Path(tmp) / "run", device=device, seed=0, record={})
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    byol = BYOLStage(ctx, data)
-    byol.trainer = Trainer(ctx, byol.stage, byol.gen)
+    steps = build_steps(a.backbone, a.batch, device, conr=not a.smoke)
     results = {"device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
                "backbone": a.backbone, "batch": a.batch, "torch": torch.__version__}
 
@@ -87,29 +67,10 @@ def main(argv=None) -> int:
         print(f"{label:10s} {a.batch / dt:10.1f} images/s  {dt * 1000:8.1f} ms/step"
               + (f"  peak {mem:.2f} GiB" if mem is not None else ""), flush=True)
 
-    idx = torch.arange(a.batch)
-    timeit(lambda i: byol.step(idx, i), "byol")
+    timeit(steps["byol"], "byol")
     if not a.smoke:
-        phase = CoNRPhase(ctx, data, byol)
-        phase.trainer = Trainer(ctx, phase.stage, phase.gen)
-        phase.refresh(0)
-        phase.epoch_begin(1)
-        timeit(lambda i: phase.step(idx, i), "conr")
-        # the bare forward and backward of the same backbone on two views of the batch
-        net = byol.net.online.backbone
-        x = torch.randn(2 * a.batch, 3, 32, 32, device=device)
-        if device.startswith("cuda"):
-            x = x.to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(net.parameters(), lr=0.01)
-
-        def bare(_):
-            with autocast(device, True):
-                loss = net(x).float().pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        timeit(bare, "bare")
+        timeit(steps["conr"], "conr")
+        timeit(steps["bare"], "bare")
         for m in ("byol", "conr"):
             results[m]["fraction_of_bare"] = results["bare"]["step_s"] / results[m]["step_s"]
             results[m]["outside_backbone_share"] = 1 - results[m]["fraction_of_bare"]

@@ -15,7 +15,6 @@ import os
 import pickle
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -187,49 +186,10 @@ def test_conaff_dataset(benchmark, feats256):
 
 
 def _step_fns(backbone: str, batch: int):
-    """BYOL step, CoNR step and the bare forward+backward of the same backbone, built as scripts/gpu_bench.py does."""
-    import torch
+    """BYOL step, CoNR step and the bare forward+backward of the same backbone (bench.stepbench)."""
+    from bench.stepbench import build_steps
 
-    from bench.config import compose
-    from bench.data.base import DataBundle, Split
-    from bench.runner import RunContext
-    from methods.byol import BYOLStage
-    from methods.conr import CoNRPhase
-    from methods.engine import Trainer, autocast
-
-    device = "cpu"
-    n = batch * 4
-    tmp = tempfile.mkdtemp(prefix="perf-step-")
-    cfg = compose(["method=conr", "dataset=cifar10", f"results_dir={tmp}", "train.progress=false",
-                   f"train.device={device}", f"byol.backbone={backbone}", f"byol.batch_size={batch}",
-                   "byol.epochs=10", "byol.warmup_epochs=1", "conr.warmup_epochs=5"])
-    card = dict(cfg.dataset)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    split = Split(images, np.arange(n) % 10)
-    data = DataBundle("cifar10", {**card, "num_classes": 10}, [str(i) for i in range(10)], split, split,
-                      {"name": "transductive", "train": ["train"], "eval": ["train"]}, True)
-    ctx = RunContext(cfg=cfg, run_dir=Path(tmp) / "run", device=device, seed=0, record={})
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    byol = BYOLStage(ctx, data)
-    byol.trainer = Trainer(ctx, byol.stage, byol.gen)
-    phase = CoNRPhase(ctx, data, byol)
-    phase.trainer = Trainer(ctx, phase.stage, phase.gen)
-    phase.refresh(0)
-    phase.epoch_begin(1)
-    net = byol.net.online.backbone
-    x = torch.randn(2 * batch, 3, 32, 32)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
-
-    def bare(_):
-        with autocast(device, True):
-            loss = net(x).float().pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    idx = torch.arange(batch)
-    return {"bare": bare, "byol": lambda i: byol.step(idx, i), "conr": lambda i: phase.step(idx, i)}
+    return build_steps(backbone, batch, "cpu")
 
 
 STEP_CASES = [("small_cnn", 128)]  # add ("resnet18_cifar", 32) on a machine with time to spare
