@@ -36,7 +36,7 @@ PRESETS_DIR = PROJECT_ROOT / "methods" / "presets"
 SELECTORS = ("method", "dataset", "preset")
 #: Keys that do not change what is computed, so they stay out of the config hash.
 UNHASHED = ("seed", "seeds", "results_dir", "launcher", "tag", "train.progress", "train.device",
-            "train.num_threads", "dataset.root", "dataset.download", "dataset.description", "dataset.source",
+            "train.num_threads", "train.sync_every", "dataset.root", "dataset.download", "dataset.description", "dataset.source",
             "ablation", "sweep", "byol.keep_epochs")
 
 
@@ -89,6 +89,9 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True  # on CUDA
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+    # steps between reads of the loss on the host: each read waits for the device, so the losses of a
+    # window are read back together (a NaN is still caught, with the step it appeared at)
+    sync_every: int = 25
 
 
 @dataclass
@@ -346,6 +349,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.mean and dataset.std need {ds.channels} values (one per channel)")
     if cfg.seed < 0:
         raise ConfigError(f"seed must be >= 0, got {cfg.seed}")
+    if cfg.train.sync_every < 1:
+        raise ConfigError(f"train.sync_every must be >= 1 (steps between loss reads), got {cfg.train.sync_every}")
     if cfg.eval.kmeans_restarts < 1 or cfg.eval.kmeans_iters < 1:
         raise ConfigError("eval.kmeans_restarts and eval.kmeans_iters must be >= 1")
     if cfg.eval.knn_backend not in ("auto", "faiss", "torch"):

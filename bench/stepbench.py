@@ -1,5 +1,14 @@
-"""The three training steps the speed benchmarks compare, on random CIFAR-sized images held on the device:
-a BYOL step, a CoNR step, and a bare forward and backward of the same backbone on two views of the batch.
+"""The training steps the speed benchmarks compare, on random CIFAR-sized images held on the device.
+
+Full steps, as training runs them:
+- byol: batch indexing, two-view augmentation, online and target networks, loss, SGD, EMA;
+- conr: the same plus CoNR's in-batch ConAff neighbourhoods, boundary filtering and neighbourhood loss.
+References, on two fixed, already augmented views of the batch (2 x batch images):
+- bare: forward + backward + SGD step of the online backbone alone (the issue's yardstick);
+- target: forward of the target backbone alone, without gradients (BYOL's other unavoidable pass);
+- model: all of BYOL's network work (online backbone + projector + predictor forward and backward, target
+  backbone + projector forward, loss, SGD, EMA) without indexing or augmentation.
+So step - model is the data handling (and for CoNR the re-ranking), model - (bare + target) the heads and EMA.
 
 Used by scripts/gpu_bench.py (make gpu-smoke, make gpu-bench) and tests/perf (make perf).
 """
@@ -12,7 +21,7 @@ from pathlib import Path
 
 
 def build_steps(backbone: str, batch: int, device: str, *, conr: bool = True) -> dict[str, Callable[[int], None]]:
-    """{"byol": f, "conr": f, "bare": f}, each f(step_index) running one step ("conr"/"bare" only with conr=True)."""
+    """{"byol", "conr", "bare", "target", "model"} -> f(step_index) running one step (only "byol" with conr=False)."""
     import numpy as np
     import torch
 
@@ -52,13 +61,35 @@ def build_steps(backbone: str, batch: int, device: str, *, conr: bool = True) ->
     if device.startswith("cuda"):
         x = x.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    amp = bool(cfg.train.amp)
 
     def bare(_: int) -> None:
-        with autocast(device, True):
+        with autocast(device, amp):
             loss = net(x).float().pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    steps["bare"] = bare
+    def target(_: int) -> None:
+        with torch.no_grad(), autocast(device, amp):
+            byol.net.target.backbone(x)
+
+    from methods.byol import byol_loss
+    from methods.engine import ema_update
+
+    def model(_: int) -> None:
+        full = byol.net
+        with autocast(device, amp):
+            q = full.predictor(full.online(x))
+            with torch.no_grad():
+                z = full.target(x)
+            q1, q2 = q.float().chunk(2)
+            z1, z2 = z.float().chunk(2)
+            loss = byol_loss(q1, z2) + byol_loss(q2, z1)
+        byol.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        byol.opt.step()
+        ema_update(full.target, full.online, 0.99)
+
+    steps.update(bare=bare, target=target, model=model)
     return steps

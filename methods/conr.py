@@ -344,7 +344,7 @@ class CoNRPhase:
         spe = self.stage.steps_per_epoch
         total = self.stage.schedule_epochs * spe
         ema_update(net.target, net.online, ema_momentum(self.warm * spe + step, total, self.ctx.cfg.byol.ema_base))
-        kept = float(m1.mean()) if m1 is not None else 1.0
+        kept = m1.float().mean() if m1 is not None else 1.0
         return {"loss": loss.detach(), "kept": kept}
 
     def run(self) -> list[dict]:

@@ -266,10 +266,16 @@ class Trainer:
         epoch_end: Callable[[int], dict | None] | None = None,
         drop_last: bool = True,
     ) -> list[dict]:
-        """Train epochs self.epoch+1 .. min(epochs, stop_at). step_fn(batch_indices, step) -> {"loss": float, ...}."""
+        """Train epochs self.epoch+1 .. min(epochs, stop_at).
+
+        step_fn(batch_indices, step) -> {"loss": tensor or float, other numbers...}; the batch indices are on
+        the run's device.  Return the loss (and other numbers) as device tensors, not floats: the trainer
+        reads them on the host once every `train.sync_every` steps, so the step never waits for the device.
+        """
         s = self.s
         end = min(s.epochs, s.stop_at or s.epochs)
         eval_every = int(self.ctx.cfg.train.eval_every)
+        sync_every = int(self.ctx.cfg.train.get("sync_every", 25))
         progress = self.ctx.progress
         partial = self.read_partial() if self.epoch < end else None
         bar = _bar(total=end, initial=self.epoch, desc=s.name, disable=not progress, unit="ep")
@@ -281,6 +287,7 @@ class Trainer:
                     epoch_begin(e)
                 perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(
                     self.ctx.seed * 1_000_003 + e * 7919 + zlib.crc32(s.name.encode()) % 7907))
+                perm = perm.to(self.ctx.device)  # one copy an epoch; the steps' batch indices are device slices
                 n_batches = n_items // s.batch_size if drop_last else math.ceil(n_items / s.batch_size)
                 n_batches = max(1, n_batches)
                 t0, seen, loss_sum, extra_sum, first = time.time(), 0, 0.0, {}, 0
@@ -291,25 +298,33 @@ class Trainer:
                     self.ctx.log(f"{s.name}: resumed from {self.partial_path()} (epoch {e} after {first} batches)")
                 inner = _bar(total=n_batches, initial=first, desc=f"{s.name} epoch {e}", leave=False,
                              disable=not progress or n_batches < 20, unit="it")
+                window = _StepWindow()
+
+                def read_window() -> None:
+                    nonlocal loss_sum
+                    for step_no, loss, extra in window.read():
+                        if not math.isfinite(loss):
+                            raise Diverged(f"{s.name}: loss became {loss} at epoch {e}, step {step_no}")
+                        loss_sum += loss
+                        for k, v in extra.items():
+                            extra_sum[k] = extra_sum.get(k, 0.0) + v
+                        inner.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
                 for b in range(first, n_batches):
                     if STOP.requested:
+                        read_window()
                         inner.close()
                         path = self.save_partial(e, b, {"loss": loss_sum, "extra": extra_sum})
                         STOP.stop(f"saved {path} at epoch {e} after {b} of {n_batches} batches")
                     idx = perm[b * s.batch_size : (b + 1) * s.batch_size]
                     lr = self.set_lr()
-                    out = step_fn(idx, self.step)
-                    loss = float(out["loss"])
-                    if not math.isfinite(loss):
-                        raise Diverged(f"{s.name}: loss became {loss} at epoch {e}, step {self.step}")
-                    loss_sum += loss
-                    for k, v in out.items():
-                        if k != "loss" and isinstance(v, (int, float)):
-                            extra_sum[k] = extra_sum.get(k, 0.0) + float(v)
+                    window.add(self.step, step_fn(idx, self.step))
+                    if len(window) >= sync_every:
+                        read_window()
                     seen += len(idx)
                     self.step += 1
                     inner.update(1)
-                    inner.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                read_window()
                 inner.close()
                 dt = time.time() - t0
                 self.epoch = e
@@ -335,6 +350,55 @@ class Trainer:
             STOP.release()
             bar.close()
         return self.history
+
+
+class _StepWindow:
+    """The outputs of the last few steps, kept as device tensors and read on the host together.
+
+    Reading a loss (`float(loss)`) waits for the device to finish the step; one read per window of
+    `train.sync_every` steps lets the device run ahead of the host in between.  `read` returns
+    (step, loss, {name: value}) per step in order, with the exact values a per-step read would give.
+    Extra outputs that are not numbers (or 0-d tensors) are dropped, as the epoch row only averages numbers.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, dict[str, Any]]] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, step: int, out: dict[str, Any]) -> None:
+        self.items.append((step, out))
+
+    def read(self) -> list[tuple[int, float, dict[str, float]]]:
+        items, self.items = self.items, []
+        names = [[k for k, v in out.items() if k == "loss" or _is_number(v)] for _, out in items]
+        values = iter(_host_floats([out[k] for (_, out), ks in zip(items, names) for k in ks]))
+        rows = []
+        for (step, _), ks in zip(items, names):
+            vals = {k: next(values) for k in ks}
+            rows.append((step, vals.pop("loss"), vals))
+        return rows
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+
+
+def _host_floats(values: list) -> list[float]:
+    """Python floats of numbers and one-element tensors, with one device-to-host copy per device."""
+    out: list[float] = [0.0] * len(values)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(i)
+        else:
+            out[i] = float(v)
+    for dev, pos in by_device.items():
+        stacked = torch.stack([values[i].detach().reshape(()).to(torch.float64) for i in pos])
+        for i, v in zip(pos, stacked.cpu().tolist()):
+            out[i] = v
+    return out
 
 
 def _bar(**kw):

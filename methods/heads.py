@@ -92,17 +92,27 @@ def class_balance_weights(targets: torch.Tensor, num_classes: int) -> torch.Tens
 
 
 def selflabel_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor, threshold: float = 0.99,
-                   balance: bool = True) -> tuple[torch.Tensor, int]:
-    """(loss, number of confident samples). No confident sample: a zero loss that still has a graph."""
+                   balance: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, number of confident samples as a 0-d tensor): cross-entropy of the strong view against the
+    confident weak-view predictions, weighted by n / count per class when balance is on.
+
+    Written with masks rather than boolean indexing, so the step never waits for the device to learn how many
+    samples are confident.  No confident sample: a zero loss that still has a graph.
+    """
     with torch.no_grad():
         mask, targets = confidence_mask(F.softmax(weak_logits.float(), dim=-1), threshold)
-    n = int(mask.sum())
-    if n == 0:
-        return strong_logits.float().sum() * 0.0, 0
-    t = targets[mask]
-    k = strong_logits.shape[-1]
-    w = class_balance_weights(t, k) if balance else None
-    return F.cross_entropy(strong_logits[mask].float(), t, weight=w), n
+        m = mask.to(torch.float32 if strong_logits.dtype != torch.float64 else torch.float64)
+        n = m.sum()
+        if balance:
+            k = strong_logits.shape[-1]
+            counts = torch.zeros(k, dtype=m.dtype, device=m.device).scatter_add_(0, targets, m)
+            w = torch.where(counts > 0, n / counts.clamp(min=1), torch.ones_like(counts))
+            weight = m * w[targets]
+        else:
+            weight = m
+    ce = F.cross_entropy(strong_logits.float() if strong_logits.dtype != torch.float64 else strong_logits,
+                         targets, reduction="none")
+    return (weight * ce).sum() / weight.sum().clamp(min=torch.finfo(weight.dtype).tiny), n
 
 
 # --------------------------------------------------------------------------- NNM
@@ -144,7 +154,7 @@ def nnm_loss(anchor: torch.Tensor, augmented: torch.Tensor, neighbour: torch.Ten
     local_nn: (N,) index of each augmented anchor's nearest other anchor in the batch.
     total = -log<p_a, p_n> + local_weight x -log<p_aug, p_a[local_nn]> + global_weight x -log<p_a, p_g>
             + cluster_weight x cluster_level_loss(p_a, p_n) - entropy_weight x entropy(mean p_a).
-    Returns (total, terms) with the terms as floats.
+    Returns (total, terms) with the terms as detached 0-d tensors (read on the host by the trainer).
     """
     pa, paug, pn, pg = (F.softmax(x.float(), dim=-1) for x in (anchor, augmented, neighbour, global_nn))
     scan_c = consistency_loss(pa, pn)
@@ -154,7 +164,7 @@ def nnm_loss(anchor: torch.Tensor, augmented: torch.Tensor, neighbour: torch.Ten
     ent = entropy(pa.mean(0))
     total = scan_c + local_weight * local + global_weight * glob + cluster_weight * clus - entropy_weight * ent
     terms = {"consistency": scan_c, "local": local, "global": glob, "cluster": clus, "entropy": ent}
-    return total, {k: float(v.detach()) for k, v in terms.items()}
+    return total, {k: v.detach() for k, v in terms.items()}
 
 
 # --------------------------------------------------------------------------- head selection

@@ -267,8 +267,8 @@ class SCANStage(HeadStageBase):
         for h in range(la.shape[0]):
             t, c, e = scan_loss(la[h], ln[h], float(node.entropy_weight))
             total = total + t
-            cons += float(c.detach())
-            ent += float(e.detach())
+            cons = cons + c.detach()  # device tensors: the trainer reads them with the loss
+            ent = ent + e.detach()
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         self.opt.step()

@@ -533,7 +533,7 @@ def _tiny_trainer(folder: Path, seen: list, stop_at_step: int | None = None):
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     stage = Stage(name="tiny", folder=folder, config_hash="h", modules={"net": net}, optimizer=opt, base_lr=0.1,
                   epochs=4, steps_per_epoch=5, batch_size=4, warmup_epochs=1)
-    ctx = SimpleNamespace(cfg=OmegaConf.create({"train": {"eval_every": 0}}), progress=False, seed=0,
+    ctx = SimpleNamespace(cfg=OmegaConf.create({"train": {"eval_every": 0}}), progress=False, seed=0, device="cpu",
                           log=lambda msg: None, log_json=lambda row: None, add_history=lambda row: None)
     gen = torch.Generator().manual_seed(0)
     trainer = Trainer(ctx, stage, gen)

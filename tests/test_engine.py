@@ -102,3 +102,63 @@ def test_nan_loss_ends_with_status_diverged(tmp_path):
     assert rec["status"] == "diverged", rec.get("error")
     assert "loss became" in rec["error"]["message"]
     assert p.returncode != 0
+
+
+def _toy_trainer(tmp_path, sync_every: int, nan_at: int | None = None):
+    """A linear model on random data; the step returns its loss as a tensor and records it."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from methods.engine import Stage, Trainer
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    stage = Stage(name="toy", folder=tmp_path, config_hash="h", modules={"net": net}, optimizer=opt, base_lr=0.05,
+                  epochs=2, steps_per_epoch=5, batch_size=4)
+    ctx = SimpleNamespace(cfg=OmegaConf.create({"train": {"eval_every": 0, "sync_every": sync_every}}),
+                          progress=False, seed=0, device="cpu", log=lambda msg: None, log_json=lambda row: None,
+                          add_history=lambda row: None)
+    data = torch.randn(20, 4, generator=torch.Generator().manual_seed(1))
+    seen: list[float] = []
+
+    def step(idx, k):
+        loss = (net(data[idx]) ** 2).mean()
+        if k == nan_at:
+            loss = loss * float("nan")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen.append(loss.item())
+        return {"loss": loss.detach(), "scaled": loss.detach() * 2, "k": k, "note": "ignored"}
+
+    return Trainer(ctx, stage, torch.Generator().manual_seed(0)), step, seen
+
+
+def test_losses_are_read_on_the_host_once_a_window(tmp_path, monkeypatch):
+    import methods.engine as engine
+
+    reads: list[int] = []
+    real = engine._host_floats
+    monkeypatch.setattr(engine, "_host_floats", lambda values: reads.append(len(values)) or real(values))
+    trainer, step, seen = _toy_trainer(tmp_path, sync_every=2)
+    trainer.fit(20, step)
+    # 5 steps an epoch, windows of 2 steps: reads after steps 2, 4 and the epoch's end; 3 numbers a step
+    assert reads == [6, 6, 3] * 2
+    for e, row in enumerate(trainer.history):
+        losses = seen[5 * e : 5 * e + 5]
+        assert row["loss"] == pytest.approx(sum(losses) / 5, rel=1e-12)
+        assert row["scaled"] == pytest.approx(2 * sum(losses) / 5, rel=1e-6)
+        assert row["k"] == pytest.approx(sum(range(5 * e, 5 * e + 5)) / 5)
+        assert "note" not in row
+
+
+def test_a_nan_inside_a_window_names_its_step(tmp_path):
+    from bench.runner import Diverged
+
+    trainer, step, _ = _toy_trainer(tmp_path, sync_every=25, nan_at=7)
+    with pytest.raises(Diverged, match=r"loss became nan at epoch 2, step 7"):
+        trainer.fit(20, step)
+    assert [row["epoch"] for row in trainer.history] == [1]  # epoch 2 was neither recorded nor saved
+    assert torch.load(trainer.last_path(), weights_only=True)["epoch"] == 1

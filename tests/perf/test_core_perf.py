@@ -192,11 +192,12 @@ def _step_fns(backbone: str, batch: int):
     return build_steps(backbone, batch, "cpu")
 
 
-STEP_CASES = [("small_cnn", 128)]  # add ("resnet18_cifar", 32) on a machine with time to spare
+STEP_CASES = [("small_cnn", 128), ("resnet18_cifar", 32)]  # ResNet-18: the paper's CIFAR backbone
+STEP_KINDS = ["bare", "target", "model", "byol", "conr"]  # see bench/stepbench.py; references first
 _STEP_CACHE: dict = {}
 
 
-@pytest.mark.parametrize("kind", ["bare", "byol", "conr"])
+@pytest.mark.parametrize("kind", STEP_KINDS)
 @pytest.mark.parametrize(("backbone", "batch"), STEP_CASES, ids=[f"{b}-b{n}" for b, n in STEP_CASES])
 def test_train_step(benchmark, backbone, batch, kind):
     key = (backbone, batch)
@@ -205,14 +206,15 @@ def test_train_step(benchmark, backbone, batch, kind):
         _STEP_CACHE[key] = _step_fns(backbone, batch)
     fn = _STEP_CACHE[key][kind]
     counter = iter(range(10**6))
-    benchmark.pedantic(lambda: fn(next(counter)), rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(lambda: fn(next(counter)), rounds=5, iterations=1, warmup_rounds=1)
     mean = _mean(benchmark)
     TIMES[f"step_{backbone}_{batch}_{kind}"] = mean
-    extra = {"backbone": backbone, "batch": batch, "images_per_s": batch / mean,
-             "note": "bare: forward+backward+SGD step of the online backbone on two views (2 x batch images)"}
-    bare = TIMES.get(f"step_{backbone}_{batch}_bare")
-    if kind != "bare" and bare:
-        extra["fraction_of_bare"] = bare / mean
+    extra = {"backbone": backbone, "batch": batch, "images_per_s": batch / mean}
+    ref = {k: TIMES.get(f"step_{backbone}_{batch}_{k}") for k in ("bare", "target", "model")}
+    if kind in ("byol", "conr") and all(ref.values()):
+        extra["fraction_of_bare"] = ref["bare"] / mean
+        extra["backbone_share"] = (ref["bare"] + ref["target"]) / mean  # online fwd+bwd and target fwd
+        extra["model_share"] = ref["model"] / mean  # all network work, without indexing and augmentation
     _info(benchmark, f"train step {kind} ({backbone})", batch, **extra)
 
 
