@@ -298,33 +298,23 @@ class Trainer:
                     self.ctx.log(f"{s.name}: resumed from {self.partial_path()} (epoch {e} after {first} batches)")
                 inner = _bar(total=n_batches, initial=first, desc=f"{s.name} epoch {e}", leave=False,
                              disable=not progress or n_batches < 20, unit="it")
-                window = _StepWindow()
-
-                def read_window() -> None:
-                    nonlocal loss_sum
-                    for step_no, loss, extra in window.read():
-                        if not math.isfinite(loss):
-                            raise Diverged(f"{s.name}: loss became {loss} at epoch {e}, step {step_no}")
-                        loss_sum += loss
-                        for k, v in extra.items():
-                            extra_sum[k] = extra_sum.get(k, 0.0) + v
-                        inner.set_postfix(loss=f"{loss:.4f}", refresh=False)
-
+                window = _StepWindow(s.name, e, loss_sum, extra_sum, inner)
                 for b in range(first, n_batches):
                     if STOP.requested:
-                        read_window()
+                        window.flush()
                         inner.close()
-                        path = self.save_partial(e, b, {"loss": loss_sum, "extra": extra_sum})
+                        path = self.save_partial(e, b, {"loss": window.loss_sum, "extra": window.extra_sum})
                         STOP.stop(f"saved {path} at epoch {e} after {b} of {n_batches} batches")
                     idx = perm[b * s.batch_size : (b + 1) * s.batch_size]
                     lr = self.set_lr()
                     window.add(self.step, step_fn(idx, self.step))
                     if len(window) >= sync_every:
-                        read_window()
+                        window.flush()
                     seen += len(idx)
                     self.step += 1
                     inner.update(1)
-                read_window()
+                window.flush()
+                loss_sum, extra_sum = window.loss_sum, window.extra_sum
                 inner.close()
                 dt = time.time() - t0
                 self.epoch = e
@@ -353,15 +343,18 @@ class Trainer:
 
 
 class _StepWindow:
-    """The outputs of the last few steps, kept as device tensors and read on the host together.
+    """The outputs of the last few steps of an epoch, kept as device tensors and read on the host together.
 
     Reading a loss (`float(loss)`) waits for the device to finish the step; one read per window of
-    `train.sync_every` steps lets the device run ahead of the host in between.  `read` returns
-    (step, loss, {name: value}) per step in order, with the exact values a per-step read would give.
-    Extra outputs that are not numbers (or 0-d tensors) are dropped, as the epoch row only averages numbers.
+    `train.sync_every` steps lets the device run ahead of the host in between.  `flush` reads the window
+    (one device-to-host copy), adds each step's exact values to the epoch's running sums in step order,
+    and raises Diverged naming the first step whose loss is not finite.  Extra outputs that are not
+    numbers or one-element tensors are dropped, as the epoch row only averages numbers.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stage: str, epoch: int, loss_sum: float, extra_sum: dict[str, float], bar) -> None:
+        self.stage, self.epoch, self.bar = stage, epoch, bar
+        self.loss_sum, self.extra_sum = loss_sum, extra_sum
         self.items: list[tuple[int, dict[str, Any]]] = []
 
     def __len__(self) -> int:
@@ -370,15 +363,19 @@ class _StepWindow:
     def add(self, step: int, out: dict[str, Any]) -> None:
         self.items.append((step, out))
 
-    def read(self) -> list[tuple[int, float, dict[str, float]]]:
+    def flush(self) -> None:
         items, self.items = self.items, []
         names = [[k for k, v in out.items() if k == "loss" or _is_number(v)] for _, out in items]
         values = iter(_host_floats([out[k] for (_, out), ks in zip(items, names) for k in ks]))
-        rows = []
         for (step, _), ks in zip(items, names):
             vals = {k: next(values) for k in ks}
-            rows.append((step, vals.pop("loss"), vals))
-        return rows
+            loss = vals.pop("loss")
+            if not math.isfinite(loss):
+                raise Diverged(f"{self.stage}: loss became {loss} at epoch {self.epoch}, step {step}")
+            self.loss_sum += loss
+            for k, v in vals.items():
+                self.extra_sum[k] = self.extra_sum.get(k, 0.0) + v
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
 
 def _is_number(v: Any) -> bool:
@@ -394,7 +391,7 @@ def _host_floats(values: list) -> list[float]:
             by_device.setdefault(v.device, []).append(i)
         else:
             out[i] = float(v)
-    for dev, pos in by_device.items():
+    for pos in by_device.values():
         stacked = torch.stack([values[i].detach().reshape(()).to(torch.float64) for i in pos])
         for i, v in zip(pos, stacked.cpu().tolist()):
             out[i] = v
