@@ -96,7 +96,7 @@ def make_view(card: dict, kind: str, crop_scale, input_size: int):
         return BatchAugment(two_view_spec(card, tuple(crop_scale), input_size))
 
     def strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        from bench.transforms import strong_view
+        from bench.strong import strong_view  # batched on the device
 
         return strong_view(x, card, g, out_size=input_size)
 

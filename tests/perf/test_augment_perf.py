@@ -1,4 +1,5 @@
-"""Two-view augmentation throughput on CIFAR-sized images: batched (bench.augment) vs per-image torchvision.
+"""Augmentation throughput on CIFAR-sized images, batched on the device against per-image torchvision:
+the two-view pipeline (bench.augment) and SCAN's strong view (bench.strong).
 
 Run with `make perf` (or pytest tests/perf --benchmark-only); images_per_s is in each benchmark's extra_info.
 """
@@ -67,8 +68,18 @@ def test_two_view_per_image(benchmark, card, images):
     _record(benchmark, BATCH * VIEWS, 1)  # per_image_batch runs on one thread, as a DataLoader worker
 
 
+@pytest.mark.parametrize("threads", [0, 1], ids=["all_threads", "one_thread"], indirect=True)
+def test_strong_view_batched(benchmark, card, images, threads):
+    from bench import strong
+
+    g = torch.Generator().manual_seed(0)
+    out = benchmark.pedantic(strong.strong_batch, args=(images, card, g), rounds=5, iterations=1, warmup_rounds=1)
+    assert out.shape == images.shape
+    _record(benchmark, BATCH, threads)
+
+
 def test_strong_view_per_image(benchmark, card, images):
     g = torch.Generator().manual_seed(0)
-    out = benchmark.pedantic(T.strong_batch, args=(images, card, g), rounds=2, iterations=1, warmup_rounds=1)
+    out = benchmark.pedantic(T.strong_batch, args=(images, card, g), rounds=3, iterations=1, warmup_rounds=1)
     assert out.shape == images.shape
     _record(benchmark, BATCH, 1)
