@@ -22,8 +22,6 @@ truncating where they do, so a batched operation agrees with the per-image kerne
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
