@@ -146,6 +146,8 @@ class BYOLStage:
         from bench.augment import BatchAugment, two_view_spec
 
         self.aug = BatchAugment(two_view_spec(self.card, tuple(node.crop_scale), self.input_size))
+        self._features: dict | None = None  # the last extraction (see features)
+        self._clusters: dict | None = None  # the last k-means evaluation (see cluster)
 
     def step(self, idx: torch.Tensor, step: int) -> dict:
         from methods.engine import autocast, ema_momentum, ema_update
@@ -168,12 +170,32 @@ class BYOLStage:
         return {"loss": loss.detach()}
 
     def features(self, images: torch.Tensor) -> np.ndarray:
-        return extract(self.net, images, self.card, self.input_size, self.device, self.node.eval_features,
-                       amp=bool(self.ctx.cfg.train.amp))
+        """Target features of `images`; the same images with unchanged weights reuse the last extraction.
+
+        The last evaluation of a stage, CoNR's k-means refresh and the final prediction often ask for the
+        features of the same images with the same weights; the cache answers only when `images` is the
+        very tensor object of the last call and every target weight and buffer equals the saved copy.
+        """
+        weights = list(self.net.target.state_dict().values())
+        c = self._features
+        if c is not None and c["images"] is images and len(c["weights"]) == len(weights) \
+                and all(torch.equal(a, b) for a, b in zip(c["weights"], weights)):
+            return c["features"]
+        feats = extract(self.net, images, self.card, self.input_size, self.device, self.node.eval_features,
+                        amp=bool(self.ctx.cfg.train.amp))
+        self._features = {"images": images, "weights": [w.detach().clone() for w in weights], "features": feats}
+        return feats
+
+    def cluster(self, feats: np.ndarray, labels: np.ndarray) -> dict:
+        """ctx.evaluate_features (k-means, NMI/ACC/ARI, "_kmeans"), reused for the same feature and label arrays."""
+        c = self._clusters
+        if c is None or c["features"] is not feats or c["labels"] is not labels:
+            c = self._clusters = {"features": feats, "labels": labels,
+                                  "result": self.ctx.evaluate_features(feats, labels)}
+        return dict(c["result"])
 
     def evaluate(self, epoch: int) -> dict:
-        feats = self.features(self.data.eval.images)
-        m = self.ctx.evaluate_features(feats, self.data.eval.labels)
+        m = self.cluster(self.features(self.data.eval.images), self.data.eval.labels)
         m.pop("_kmeans")
         return m
 
@@ -221,6 +243,6 @@ class BYOLMethod(Method):
         history = st.run()
         ctx.update(history=list(history), artifacts={**ctx.record.get("artifacts", {}),
                                                       "byol_stage": str(st.folder)})
-        feats = st.features(data.eval.images)
-        res = ctx.evaluate_features(feats, data.eval.labels)["_kmeans"]
+        feats = st.features(data.eval.images)  # the last epoch's evaluation, when it ran in this process
+        res = st.cluster(feats, data.eval.labels)["_kmeans"]
         return Prediction(labels=res.labels, features=feats)

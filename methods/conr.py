@@ -256,8 +256,8 @@ class CoNRPhase:
     def refresh(self, epoch: int) -> dict:
         from bench.metrics import evaluate
 
-        feats = self.byol.features(self.images.cpu())
-        km = self.ctx.evaluate_features(feats, self.data.train.labels) if self.data.eval_is_train else None
+        feats = self.byol.features(self.data.train.images)
+        km = self.byol.cluster(feats, self.data.train.labels) if self.data.eval_is_train else None
         if km is None:
             from bench.cluster import kmeans
 
@@ -387,6 +387,6 @@ class CoNRMethod(Method):
             hist = phase.run()
             ctx.update(history=warm_hist + list(hist))  # phase rows carry epochs of the whole schedule
         ctx.update(artifacts={**ctx.record.get("artifacts", {}), "byol_stage": str(byol.folder)})
-        feats = byol.features(data.eval.images)
-        res = ctx.evaluate_features(feats, data.eval.labels)["_kmeans"]
+        feats = byol.features(data.eval.images)  # transductive: the last refresh's features and k-means
+        res = byol.cluster(feats, data.eval.labels)["_kmeans"]
         return Prediction(labels=res.labels, features=feats)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -162,6 +163,8 @@ def test_outside_job_env_hides_and_restores(monkeypatch):
 # ----------------------------------------------------------------------------- the sbatch script
 
 
+@pytest.mark.skipif(shutil.which("srun") is None,
+                    reason="submitit's SLURM executor needs srun on PATH (scripts/slurm_cluster.sh up installs it)")
 def test_slurm_executor_settings_reach_the_sbatch_script(tmp_path):
     from omegaconf import open_dict
 

@@ -152,8 +152,10 @@ def build_bundle(card: dict, download: bool | None = None) -> DataBundle:
     for s in extra_train:
         train_parts.append(get(s))
     train = Split.concat(train_parts)
-    evaluation = Split.concat([get(s) for s in protocol["eval"]])
     eval_is_train = protocol["train"] == protocol["eval"] and not extra_train
+    # transductive: one Split object for both, not a second copy of the images (and methods can tell
+    # by identity that features computed for training are the evaluation's features)
+    evaluation = train if eval_is_train else Split.concat([get(s) for s in protocol["eval"]])
     classes = kind.class_names(card, root)
     if len(classes) != int(card["num_classes"]):
         raise DatasetError(
