@@ -37,32 +37,30 @@ class KMeansResult:
 
 
 def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007), O(n k d), float32."""
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007), O(n k d), float32.
+
+    Each new centre is the best of 2 + log k candidates drawn with probability proportional to the squared
+    distance to the nearest centre so far; the candidates' distances come from one matrix product.
+    """
     n = len(x)
     centers = np.empty((k, x.shape[1]), dtype=np.float32)
     first = int(rng.integers(n))
     centers[0] = x[first]
     sq_norms = np.einsum("ij,ij->i", x, x)
-    d2 = np.maximum(sq_norms - 2 * x @ centers[0] + centers[0] @ centers[0], 0)
+    d2 = np.maximum(sq_norms - 2 * x @ centers[0] + sq_norms[first], 0)
     for j in range(1, k):
         total = float(d2.sum())
         if total <= 0:  # fewer distinct points than clusters
             idx = int(rng.integers(n))
-        else:
-            # a few candidates, keep the one that lowers the potential most (greedy k-means++)
-            cands = rng.choice(n, size=min(2 + int(np.log(k)), n), p=d2 / total)
-            best, best_pot, best_d2 = None, np.inf, None
-            for c in cands:
-                nd2 = np.minimum(d2, np.maximum(sq_norms - 2 * x @ x[c] + x[c] @ x[c], 0))
-                pot = float(nd2.sum())
-                if pot < best_pot:
-                    best, best_pot, best_d2 = int(c), pot, nd2
-            idx = best
-            d2 = best_d2
             centers[j] = x[idx]
+            d2 = np.minimum(d2, np.maximum(sq_norms - 2 * x @ x[idx] + sq_norms[idx], 0))
             continue
-        centers[j] = x[idx]
-        d2 = np.minimum(d2, np.maximum(sq_norms - 2 * x @ x[idx] + x[idx] @ x[idx], 0))
+        cands = rng.choice(n, size=min(2 + int(np.log(k)), n), p=d2 / total)
+        dc = np.maximum(sq_norms[:, None] - 2 * (x @ x[cands].T) + sq_norms[cands][None, :], 0)
+        nd2 = np.minimum(d2[:, None], dc)
+        best = int(np.argmin(nd2.sum(0)))  # the candidate that lowers the potential most (first on ties)
+        centers[j] = x[cands[best]]
+        d2 = np.ascontiguousarray(nd2[:, best])
     return centers
 
 
@@ -96,6 +94,7 @@ def kmeans(
     for r in range(restarts):
         init = kmeans_plusplus(x, k, rng)
         if faiss is not None:
+            # faiss stops by itself once an iteration no longer lowers the objective
             km = faiss.Kmeans(d, k, niter=iters, spherical=spherical, seed=int(rng.integers(2**31 - 1)),
                               max_points_per_centroid=max(n, 1), min_points_per_centroid=1, verbose=False)
             km.train(x, init_centroids=init)

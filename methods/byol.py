@@ -146,7 +146,9 @@ class BYOLStage:
         from bench.augment import BatchAugment, two_view_spec
 
         self.aug = BatchAugment(two_view_spec(self.card, tuple(node.crop_scale), self.input_size))
-        self._features: dict | None = None  # the last extraction (see features)
+        from methods.engine import SameWeights
+
+        self._features = SameWeights(self.net.target)  # the last extraction, reused on unchanged weights
         self._clusters: dict | None = None  # the last k-means evaluation (see cluster)
 
     def step(self, idx: torch.Tensor, step: int) -> dict:
@@ -170,21 +172,10 @@ class BYOLStage:
         return {"loss": loss.detach()}
 
     def features(self, images: torch.Tensor) -> np.ndarray:
-        """Target features of `images`; the same images with unchanged weights reuse the last extraction.
-
-        The last evaluation of a stage, CoNR's k-means refresh and the final prediction often ask for the
-        features of the same images with the same weights; the cache answers only when `images` is the
-        very tensor object of the last call and every target weight and buffer equals the saved copy.
-        """
-        weights = list(self.net.target.state_dict().values())
-        c = self._features
-        if c is not None and c["images"] is images and len(c["weights"]) == len(weights) \
-                and all(torch.equal(a, b) for a, b in zip(c["weights"], weights)):
-            return c["features"]
-        feats = extract(self.net, images, self.card, self.input_size, self.device, self.node.eval_features,
-                        amp=bool(self.ctx.cfg.train.amp))
-        self._features = {"images": images, "weights": [w.detach().clone() for w in weights], "features": feats}
-        return feats
+        """Target features of `images` (the same images with unchanged weights: the last extraction)."""
+        return self._features.get(images, lambda: extract(
+            self.net, images, self.card, self.input_size, self.device, self.node.eval_features,
+            amp=bool(self.ctx.cfg.train.amp)))
 
     def cluster(self, feats: np.ndarray, labels: np.ndarray) -> dict:
         """ctx.evaluate_features (k-means, NMI/ACC/ARI, "_kmeans"), reused for the same feature and label arrays."""

@@ -178,7 +178,7 @@ class HeadStageBase:
         self.input_size = pretext.input_size
         self.amp = bool(ctx.cfg.train.amp)
         self.k = data.num_classes
-        self.images = data.train.images.to(self.device)
+        self.images = data.train.on(self.device)
         n = len(self.images)
         if node.batch_size > n:
             raise ConfigError(f"{self.node_name}.batch_size={node.batch_size} is larger than the {n} training images")
@@ -191,6 +191,9 @@ class HeadStageBase:
         self.opt = adam(self.model, node.lr, node.weight_decay, node.backbone_lr_factor)
         self.gen = torch.Generator(device=self.device).manual_seed(ctx.seed * 7 + 1)
         self.view = make_view(self.card, node.augment, node.crop_scale, self.input_size)
+        from methods.engine import SameWeights
+
+        self._scores = SameWeights(self.model)
         self.stage = Stage(
             name=self.node_name, folder=ctx.run_dir / "checkpoints" / folder_name,
             config_hash=config_hash(ctx.cfg, keys=["dataset", "simclr", "byol", self.node_name]),
@@ -200,11 +203,16 @@ class HeadStageBase:
 
     # ----- evaluation: the head with the lowest loss on the training set, scored on the eval set
     def head_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(losses (H,), train probs (H, N, K)): every head's SCAN objective over the training set."""
+        """(losses (H,), train probs (H, N, K)): every head's SCAN objective over the training set.
+
+        The last epoch's evaluation and the head selection after it share one pass (unchanged weights)."""
         from methods.heads import head_losses
 
-        probs = predict_probs(self.model, self.images, self.card, self.input_size, self.device, self.amp)
-        return head_losses(probs, torch.from_numpy(self.neighbours_np), float(self.node.entropy_weight)), probs
+        def compute():
+            probs = predict_probs(self.model, self.images, self.card, self.input_size, self.device, self.amp)
+            return head_losses(probs, torch.from_numpy(self.neighbours_np), float(self.node.entropy_weight)), probs
+
+        return self._scores.get(self.images, compute)
 
     def eval_probs(self, train_probs: torch.Tensor | None = None) -> torch.Tensor:
         if self.data.eval_is_train and train_probs is not None:

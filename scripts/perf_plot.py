@@ -1,11 +1,16 @@
-"""Log-log plot of how each benchmarked cost grows with n, from a pytest-benchmark JSON.
+"""Figures of the benchmark suite, from its pytest-benchmark JSON.
 
-    python scripts/perf_plot.py                                   # results/perf/latest.json -> docs/perf-scaling.png
-    python scripts/perf_plot.py some.json --out figure.png
+    python scripts/perf_plot.py                   # results/perf/latest.json -> docs/perf-scaling.png, docs/perf-steps.png
+    python scripts/perf_plot.py some.json --out figure.png --steps-out steps.png
 
-Every benchmark whose extra_info holds `series` and `n` (tests/perf/test_core_perf.py) is drawn at
-(n, mean seconds); points of the same series are joined and labelled with the fitted slope
+perf-scaling: every benchmark whose extra_info holds `series` and `n` (tests/perf/test_core_perf.py) is
+drawn at (n, mean seconds); points of the same series are joined and labelled with the fitted slope
 (the exponent p in time ~ n^p).  Single points are drawn as markers.
+
+perf-steps: where a training step's time goes, per backbone and method, as stacked bars built from the
+step benchmarks (bench/stepbench.py): the online backbone's forward and backward ("bare"), the target
+backbone's forward, the rest of the network (heads, loss, EMA: model - bare - target) and what the step adds
+to the network's work (indexing, augmentation and for CoNR the re-ranking: step - model).
 """
 
 from __future__ import annotations
@@ -63,22 +68,77 @@ def plot(series: dict[str, list[tuple[int, float]]], out: Path, title: str) -> N
     plt.close(fig)
 
 
+def load_steps(path: Path) -> dict[str, dict[str, float]]:
+    """{backbone (batch): {kind: median seconds}} from the interleaved train-step benchmarks."""
+    data = json.loads(path.read_text())
+    out: dict[str, dict[str, float]] = {}
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info") or {}
+        med = info.get("median_s")
+        if "steps" in info and isinstance(med, dict) and {"bare", "target", "model"} <= set(med):
+            out[f"{info['backbone']} (batch {info['batch']})"] = {k: float(v) for k, v in med.items()}
+    return out
+
+
+def plot_steps(steps: dict[str, dict[str, float]], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [("online backbone forward+backward", "#1f77b4"), ("target backbone forward", "#6baed6"),
+             ("heads, loss, EMA", "#fdae6b"), ("indexing, augmentation, re-ranking", "#d62728")]
+    rows = []
+    for case, t in sorted(steps.items()):
+        for method in ("byol", "conr"):
+            if method in t:
+                heads = max(t["model"] - t["bare"] - t["target"], 0.0)
+                rest = max(t[method] - t["model"], 0.0)
+                rows.append((f"{method.upper() if method == 'byol' else 'CoNR'}, {case}",
+                             [t["bare"], t["target"], heads, rest], t[method]))
+    fig, ax = plt.subplots(figsize=(11, 0.9 * len(rows) + 1.8), dpi=120)
+    for i, (_, segs, total) in enumerate(rows):
+        left = 0.0
+        for (name, colour), w in zip(parts, segs):
+            ax.barh(i, w / total * 100, left=left, color=colour, label=name if i == 0 else None)
+            if w / total > 0.06:
+                ax.text(left + w / total * 50, i, f"{100 * w / total:.0f}%", ha="center", va="center", fontsize=9)
+            left += w / total * 100
+        ax.text(101, i, f"{total * 1000:.0f} ms", va="center", fontsize=9)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 112)
+    ax.set_xlabel("share of the training step (%)")
+    ax.set_title(title)
+    ax.legend(ncol=2, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.22 if len(rows) > 2 else -0.35),
+              frameon=False)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", nargs="?", default=str(ROOT / "results/perf/latest.json"))
     ap.add_argument("--out", default=str(ROOT / "docs/perf-scaling.png"))
     ap.add_argument("--title", default="Cost against n (make perf; log-log)")
+    ap.add_argument("--steps-out", default=str(ROOT / "docs/perf-steps.png"))
     a = ap.parse_args(argv)
     path = Path(a.json)
     if not path.is_file():
         print(f"perf_plot: {path} not found; run `make perf` first", file=sys.stderr)
         return 2
-    series = load_series(path)
-    if not series:
-        print(f"perf_plot: no benchmark in {path} has extra_info series and n", file=sys.stderr)
+    series, steps = load_series(path), load_steps(path)
+    if not series and not steps:
+        print(f"perf_plot: no benchmark in {path} has extra_info series and n, or step medians", file=sys.stderr)
         return 1
-    plot(series, Path(a.out), a.title)
-    print(f"wrote {a.out} ({len(series)} series)")
+    if series:
+        plot(series, Path(a.out), a.title)
+        print(f"wrote {a.out} ({len(series)} series)")
+    if steps:
+        plot_steps(steps, Path(a.steps_out), "Where a training step's time goes (make perf)")
+        print(f"wrote {a.steps_out} ({len(steps)} backbones)")
     return 0
 
 

@@ -59,6 +59,15 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def on(self, device: str) -> Any:
+        """The images on `device`, copied once per split and device: every stage of a run that trains on
+        this split shares one device copy (on the CPU, the images themselves)."""
+        copies = self.__dict__.setdefault("_on_device", {})
+        key = str(device)
+        if key not in copies:
+            copies[key] = self.images.to(device)
+        return copies[key]
+
     @staticmethod
     def concat(parts: list[Split]) -> Split:
         import torch

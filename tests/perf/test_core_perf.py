@@ -185,37 +185,42 @@ def test_conaff_dataset(benchmark, feats256):
 # --------------------------------------------------------------------------- training steps
 
 
-def _step_fns(backbone: str, batch: int):
-    """BYOL step, CoNR step and the bare forward+backward of the same backbone (bench.stepbench)."""
+STEP_CASES = [("small_cnn", 128), ("resnet18_cifar", 32)]  # ResNet-18: the paper's CIFAR backbone
+STEP_KINDS = ["bare", "target", "model", "byol", "conr"]  # see bench/stepbench.py
+STEP_ROUNDS = 9
+
+
+@pytest.mark.parametrize(("backbone", "batch"), STEP_CASES, ids=[f"{b}-b{n}" for b, n in STEP_CASES])
+def test_train_steps(benchmark, backbone, batch):
+    """One round = one step of each kind, interleaved (the order reversed every other round), so slow drifts
+    of the machine's speed fall on every kind alike; the ratios come from the per-kind medians."""
+    import statistics
+    import time
+
     from bench.stepbench import build_steps
 
-    return build_steps(backbone, batch, "cpu")
+    fns = build_steps(backbone, batch, "cpu")
+    times: dict[str, list[float]] = {k: [] for k in STEP_KINDS}
+    calls = iter(range(10**6))
 
+    def one_round() -> None:
+        i = next(calls)
+        for kind in STEP_KINDS if i % 2 == 0 else STEP_KINDS[::-1]:
+            t0 = time.perf_counter()
+            fns[kind](i)
+            if i > 0:  # call 0 is the warm-up round
+                times[kind].append(time.perf_counter() - t0)
 
-STEP_CASES = [("small_cnn", 128), ("resnet18_cifar", 32)]  # ResNet-18: the paper's CIFAR backbone
-STEP_KINDS = ["bare", "target", "model", "byol", "conr"]  # see bench/stepbench.py; references first
-_STEP_CACHE: dict = {}
-
-
-@pytest.mark.parametrize("kind", STEP_KINDS)
-@pytest.mark.parametrize(("backbone", "batch"), STEP_CASES, ids=[f"{b}-b{n}" for b, n in STEP_CASES])
-def test_train_step(benchmark, backbone, batch, kind):
-    key = (backbone, batch)
-    if key not in _STEP_CACHE:
-        _STEP_CACHE.clear()
-        _STEP_CACHE[key] = _step_fns(backbone, batch)
-    fn = _STEP_CACHE[key][kind]
-    counter = iter(range(10**6))
-    benchmark.pedantic(lambda: fn(next(counter)), rounds=5, iterations=1, warmup_rounds=1)
-    mean = _mean(benchmark)
-    TIMES[f"step_{backbone}_{batch}_{kind}"] = mean
-    extra = {"backbone": backbone, "batch": batch, "images_per_s": batch / mean}
-    ref = {k: TIMES.get(f"step_{backbone}_{batch}_{k}") for k in ("bare", "target", "model")}
-    if kind in ("byol", "conr") and all(ref.values()):
-        extra["fraction_of_bare"] = ref["bare"] / mean
-        extra["backbone_share"] = (ref["bare"] + ref["target"]) / mean  # online fwd+bwd and target fwd
-        extra["model_share"] = ref["model"] / mean  # all network work, without indexing and augmentation
-    _info(benchmark, f"train step {kind} ({backbone})", batch, **extra)
+    benchmark.pedantic(one_round, rounds=STEP_ROUNDS, iterations=1, warmup_rounds=1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    info = {"backbone": backbone, "batch": batch, "rounds": STEP_ROUNDS, "median_s": med,
+            "images_per_s": {k: batch / t for k, t in med.items()}}
+    for m in ("byol", "conr"):
+        info[m] = {"fraction_of_bare": med["bare"] / med[m],
+                   "backbone_share": (med["bare"] + med["target"]) / med[m],  # online fwd+bwd, target fwd
+                   "model_share": med["model"] / med[m]}  # all network work, without indexing and augmentation
+    benchmark.extra_info.update({"steps": f"train steps ({backbone})", **info})
+    assert med["model"] > med["bare"]
 
 
 # --------------------------------------------------------------------------- data loading
