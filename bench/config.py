@@ -88,7 +88,7 @@ class TrainConfig:
     num_threads: int = 0  # torch CPU threads; 0: SLURM_CPUS_PER_TASK or all cores
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True  # on CUDA
-    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+    deterministic: bool = False  # deterministic algorithms, cuDNN and cuBLAS (slower on GPU; see runner.set_deterministic)
     # steps between reads of the loss on the host: each read waits for the device, so the losses of a
     # window are read back together (a NaN is still caught, with the step it appeared at)
     sync_every: int = 25

@@ -152,6 +152,18 @@ def set_threads(n: int) -> int:
     return n
 
 
+def set_deterministic(on: bool) -> None:
+    """train.deterministic: torch's deterministic algorithms (where an op has none, a warning, not an error),
+    deterministic cuDNN without autotuning, and the cuBLAS workspace setting reproducible GEMMs need (it must
+    be set before the first CUDA matrix product, hence here, before the run starts)."""
+    import torch
+
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+
+
 @dataclass
 class RunContext:
     """What a method sees of the harness while it runs."""
@@ -228,6 +240,7 @@ def execute(cfg: DictConfig, *, force: bool = False) -> dict:
     atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     threads = set_threads(int(cfg.train.num_threads))
+    set_deterministic(bool(cfg.train.deterministic))
     device = pick_device(str(cfg.train.device))
     slurm = slurm_info()
     attempts = int(previous.get("attempts", 0)) + 1 if previous else 1

@@ -409,7 +409,7 @@ def configure_device(device: str) -> dict:
     """bf16 autocast and channels_last on CUDA; nothing on the CPU."""
     cuda = device.startswith("cuda")
     if cuda:
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()  # autotuning varies
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return {"cuda": cuda}

@@ -162,3 +162,28 @@ def test_a_nan_inside_a_window_names_its_step(tmp_path):
         trainer.fit(20, step)
     assert [row["epoch"] for row in trainer.history] == [1]  # epoch 2 was neither recorded nor saved
     assert torch.load(trainer.last_path(), weights_only=True)["epoch"] == 1
+
+
+def test_train_deterministic_switches_torch_to_deterministic_algorithms(tmp_path, monkeypatch):
+    from bench.config import compose
+    from bench.runner import execute, set_deterministic
+
+    seen = []
+    import methods.kmeans
+
+    real = methods.kmeans.KMeansMethod.run
+
+    def spy(self, data, ctx):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic))
+        return real(self, data, ctx)
+
+    monkeypatch.setattr(methods.kmeans.KMeansMethod, "run", spy)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        for flag in (True, False):
+            execute(compose(["method=kmeans", f"train.deterministic={str(flag).lower()}", "eval.kmeans_restarts=1",
+                             f"results_dir={tmp_path / str(flag)}"]))
+        assert seen == [(True, True), (False, False)]
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        set_deterministic(False)
