@@ -74,22 +74,8 @@ def build_steps(backbone: str, batch: int, device: str, *, conr: bool = True) ->
         with torch.no_grad(), autocast(device, amp):
             byol.net.target.backbone(x)
 
-    from methods.byol import byol_loss
-    from methods.engine import ema_update
-
     def model(_: int) -> None:
-        full = byol.net
-        with autocast(device, amp):
-            q = full.predictor(full.online(x))
-            with torch.no_grad():
-                z = full.target(x)
-            q1, q2 = q.float().chunk(2)
-            z1, z2 = z.float().chunk(2)
-            loss = byol_loss(q1, z2) + byol_loss(q2, z1)
-        byol.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        byol.opt.step()
-        ema_update(full.target, full.online, 0.99)
+        byol.update(x, 0.99)  # BYOL's step without the indexing and the augmentation
 
     steps.update(bare=bare, target=target, model=model)
     return steps

@@ -152,13 +152,20 @@ class BYOLStage:
         self._clusters: dict | None = None  # the last k-means evaluation (see cluster)
 
     def step(self, idx: torch.Tensor, step: int) -> dict:
-        from methods.engine import autocast, ema_momentum, ema_update
+        from methods.engine import ema_momentum
 
         x = self.images[idx.to(self.device)]
-        v1, v2 = self.aug(x, self.gen), self.aug(x, self.gen)
+        both = torch.cat([self.aug(x, self.gen), self.aug(x, self.gen)])
+        momentum = ema_momentum(step, self.trainer.total_steps, self.node.ema_base)
+        return {"loss": self.update(both, momentum)}
+
+    def update(self, both: torch.Tensor, momentum: float) -> torch.Tensor:
+        """The network's part of a step on two views stacked (2B, C, H, W): online and target forward, the
+        symmetric loss, SGD and the EMA of the target.  Returns the detached loss."""
+        from methods.engine import autocast, ema_update
+
         net = self.net
         with autocast(self.device, self.ctx.cfg.train.amp):
-            both = torch.cat([v1, v2])
             q = net.predictor(net.online(both))
             with torch.no_grad():
                 z = net.target(both)
@@ -168,8 +175,8 @@ class BYOLStage:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        ema_update(net.target, net.online, ema_momentum(step, self.trainer.total_steps, self.node.ema_base))
-        return {"loss": loss.detach()}
+        ema_update(net.target, net.online, momentum)
+        return loss.detach()
 
     def features(self, images: torch.Tensor) -> np.ndarray:
         """Target features of `images` (the same images with unchanged weights: the last extraction)."""

@@ -19,6 +19,33 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict |
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test (per-image image ops gain nothing from more, and lose on a busy machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cifar() -> dict:
+    """The cifar10 dataset card."""
+    from bench.config import load_card
+
+    return load_card("cifar10")
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict:
+    """The digits dataset card."""
+    from bench.config import load_card
+
+    return load_card("digits")
+
+
+@pytest.fixture
 def results(tmp_path) -> Path:
     d = tmp_path / "results"
     d.mkdir()

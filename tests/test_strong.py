@@ -18,25 +18,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from bench import strong as S
 from bench import transforms as T
-from bench.config import load_card
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def cifar() -> dict:
-    return load_card("cifar10")
-
-
-@pytest.fixture(scope="module")
-def digits() -> dict:
-    return load_card("digits")
+pytestmark = pytest.mark.usefixtures("one_thread")  # cards `cifar` and `digits`: tests/conftest.py
 
 
 def gen(seed: int) -> torch.Generator:

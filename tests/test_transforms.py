@@ -16,27 +16,11 @@ from scipy.stats import ks_2samp
 
 from bench import augment
 from bench import transforms as T
-from bench.config import load_card
 
 KS_P = 1e-3  # the two paths agree unless a KS test rejects at this level
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def cifar() -> dict:
-    return load_card("cifar10")
-
-
-@pytest.fixture(scope="module")
-def digits() -> dict:
-    return load_card("digits")
+pytestmark = pytest.mark.usefixtures("one_thread")  # cards `cifar` and `digits`: tests/conftest.py
 
 
 def gen(seed: int) -> torch.Generator:
