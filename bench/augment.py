@@ -66,8 +66,9 @@ def two_view_spec(card: dict, crop_scale=(0.08, 1.0), out_size: int | None = Non
 class BatchAugment:
     """Callable: uint8 (N, C, H, W) on any device -> normalised float (N, C, S, S), one random draw per image."""
 
-    def __init__(self, spec: AugSpec):
+    def __init__(self, spec: AugSpec, masked: bool | None = None):
         self.spec = spec
+        self.masked = masked  # colour jitter on the whole batch with masks (None: on accelerators only)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         s = self.spec
@@ -135,23 +136,31 @@ class BatchAugment:
         if not active:
             return x
         order = torch.rand(n, len(active), generator=g, device=dev).argsort(1)  # a permutation per image
+        # On the CPU each slot's operations run on the images that drew them (boolean indexing); on an
+        # accelerator that indexing would make the host wait for the device (the mask's size must be read),
+        # so there every operation runs on the whole batch and each image keeps its own.  Same outputs.
+        masked = x.device.type != "cpu" if self.masked is None else self.masked
         x = x.clone()
         for slot in range(len(active)):
             for j, op in enumerate(active):
                 sel = order[:, slot] == j
-                if not sel.any():
-                    continue
-                xs, f = x[sel], factors[op][sel].view(-1, 1, 1, 1)
-                if op == 0:
-                    xs = (xs * f).clamp_(0, 1)
-                elif op == 1:
-                    xs = (f * xs + (1 - f) * _gray(xs).mean(dim=(1, 2, 3), keepdim=True)).clamp_(0, 1)
-                elif op == 2:
-                    xs = (f * xs + (1 - f) * _gray(xs)).clamp_(0, 1)
-                else:
-                    xs = _hue_shift(xs, f.view(-1))
-                x[sel] = xs
+                if masked:
+                    x = torch.where(sel.view(n, 1, 1, 1), _colour_op(op, x, factors[op]), x)
+                elif sel.any():
+                    x[sel] = _colour_op(op, x[sel], factors[op][sel])
         return x
+
+
+def _colour_op(op: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Brightness (0), contrast (1), saturation (2) or hue (3) of x in [0, 1] with per-image factors f."""
+    if op == 3:
+        return _hue_shift(x, f)
+    f = f.view(-1, 1, 1, 1)
+    if op == 0:
+        return (x * f).clamp_(0, 1)
+    if op == 1:
+        return (f * x + (1 - f) * _gray(x).mean(dim=(1, 2, 3), keepdim=True)).clamp_(0, 1)
+    return (f * x + (1 - f) * _gray(x)).clamp_(0, 1)
 
 
 def test_transform(x: torch.Tensor, card: dict, out_size: int | None = None) -> torch.Tensor:
@@ -163,9 +172,15 @@ def test_transform(x: torch.Tensor, card: dict, out_size: int | None = None) -> 
     return _normalize(xf, tuple(card["mean"]), tuple(card["std"]))
 
 
+_NORM: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    sd = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    key = (x.device, x.dtype, tuple(mean), tuple(std))
+    if key not in _NORM:  # copied to the device once, not at every step
+        _NORM[key] = (torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1),
+                      torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1))
+    m, sd = _NORM[key]
     return (x - m) / sd
 
 

@@ -55,6 +55,19 @@ def magnitude(name: str, bins: torch.Tensor, height: int, width: int) -> torch.T
     return table.to(bins.device, torch.float64)[bins]
 
 
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tables(device: torch.device, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(magnitudes (ops, BINS) float64, signed (ops,) bool) on the device, made once per device and size."""
+    key = (device, height, width)
+    if key not in _TABLES:
+        bins = torch.arange(BINS)
+        mags = torch.stack([magnitude(name, bins, height, width) for name, _ in OPS])
+        _TABLES[key] = (mags.to(device), torch.tensor([signed for _, signed in OPS], device=device))
+    return _TABLES[key]
+
+
 # --------------------------------------------------------------------------- geometry
 
 
@@ -77,12 +90,13 @@ def warp_nearest(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, H, W) warped by per-image inverse matrices (N, 2, 3): nearest neighbour, zero fill."""
     n, _, h, w = x.shape
     dev = x.device
-    theta = inv.to(torch.float32)
+    theta_t = inv.to(torch.float32).transpose(1, 2).contiguous()  # (N, 3, 2)
+    theta_t[..., 0] /= 0.5 * w  # to grid_sample's [-1, 1] coordinates (python scalars: no copy to the device)
+    theta_t[..., 1] /= 0.5 * h
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=dev)
     ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=dev)
     base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=dev)], -1)
-    scale = torch.tensor([0.5 * w, 0.5 * h], device=dev)
-    grid = base.reshape(1, h * w, 3).expand(n, -1, -1).bmm(theta.transpose(1, 2) / scale)
+    grid = base.reshape(1, h * w, 3).expand(n, -1, -1).bmm(theta_t)
     out = F.grid_sample(x.float(), grid.reshape(n, h, w, 2), mode="nearest", padding_mode="zeros",
                         align_corners=False)
     return out.round_().to(torch.uint8)
@@ -246,11 +260,9 @@ def strong_batch(x: torch.Tensor, card: dict, generator: torch.Generator | None 
     cy, cx = randint(h, (n,)), randint(w, (n,))
 
     out = crop_flip(x, oy, ox, flip, pad)
-    signed = torch.tensor([s for _, s in OPS], device=dev)
+    table, signed = _tables(dev, h, w)
     for k in range(NUM_OPS):
-        mag = torch.zeros(n, dtype=torch.float64, device=dev)
-        for name, _ in OPS:
-            mag = torch.where(ops[k] == OP_INDEX[name], magnitude(name, bins[k], h, w), mag)
+        mag = table[ops[k], bins[k]]
         mag = torch.where(signed[ops[k]] & negative[k], -mag, mag)
         out = apply_op(out, ops[k], mag)
     return cutout(out, cy, cx, max(1, min(h, w) // 2))

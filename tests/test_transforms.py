@@ -300,3 +300,15 @@ def test_digits_pipeline_statistics_match(digits):
     assert ks_p(a.mean((1, 2, 3)), b.mean((1, 2, 3))) > KS_P
     assert ks_p(a.std((1, 2, 3)), b.std((1, 2, 3))) > KS_P
     assert ks_p((a < 1e-3).float().mean((1, 2, 3)), (b < 1e-3).float().mean((1, 2, 3))) > KS_P
+
+
+@pytest.mark.parametrize("card_name", ["cifar", "digits"])
+def test_masked_colour_jitter_equals_the_indexed_one(card_name, request):
+    """The whole-batch path (what accelerators run, with no host reads) gives the CPU path's outputs exactly."""
+    card = request.getfixturevalue(card_name)
+    ch, size = (3, 32) if card_name == "cifar" else (1, 8)
+    x = torch.randint(0, 256, (64, ch, size, size), dtype=torch.uint8, generator=gen(0))
+    spec = augment.two_view_spec(card)
+    a = augment.BatchAugment(spec, masked=False)(x, gen(1))
+    b = augment.BatchAugment(spec, masked=True)(x, gen(1))
+    assert torch.equal(a, b)
