@@ -220,20 +220,29 @@ def load_split(card: dict, root: Path, split: str, download: bool) -> Split:
             f"{base} holds {len(classes)} class folders ({shown}), but dataset.num_classes={declared}; "
             f"set dataset.num_classes=0 to count the folders, or point dataset.path at the right folder"
         )
+    return class_folder_split(
+        card, root, base, classes, "folder", {"classes": classes},
+        lambda folder: f"{folder}: class folder holds no images (looked for {' '.join(IMAGE_SUFFIXES)}); "
+                       f"add images or remove the folder")
+
+
+def class_folder_split(card: dict, root: Path, base: Path, names: list[str], kind: str, key: dict,
+                       empty_error) -> Split:
+    """A Split of the images under base/<name>, labelled by the position of <name> in `names`.
+
+    A class folder without images raises DatasetError(empty_error(folder)); the decoded images are cached
+    under `kind` and `key` (see load_images).
+    """
     files: list[Path] = []
     labels: list[int] = []
-    for label, name in enumerate(classes):
+    for label, name in enumerate(names):
         found = list_images(base / name)
         if not found:
-            raise DatasetError(
-                f"{base / name}: class folder holds no images (looked for {' '.join(IMAGE_SUFFIXES)}); "
-                f"add images or remove the folder"
-            )
+            raise DatasetError(empty_error(base / name))
         files += found
         labels += [label] * len(found)
     size, channels = int(card["image_size"]), int(card.get("channels", 3))
-    images = load_images(files, base, size, channels, Path(root), "folder", {"classes": classes},
-                         desc=f"decoding {card['name']}")
+    images = load_images(files, base, size, channels, Path(root), kind, key, desc=f"decoding {card['name']}")
     return Split(images, np.asarray(labels, dtype=np.int64))
 
 

@@ -18,10 +18,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 from bench.data.base import Split
-from bench.data.folder import list_images, load_images
+from bench.data.folder import class_folder_split
 from bench.errors import DatasetError
 
 
@@ -75,18 +73,9 @@ def load_split(card: dict, root: Path, split: str, download: bool) -> Split:
         )
     folder = _locate(card, Path(root))
     wnids = _wnids(card)
-    files: list[Path] = []
-    labels: list[int] = []
-    for label, wnid in enumerate(wnids):
-        found = list_images(folder / wnid)
-        if not found:
-            raise DatasetError(f"{folder / wnid}: the class folder of {wnid} holds no images; expected its *.JPEG files")
-        files += found
-        labels += [label] * len(found)
-    size, channels = int(card["image_size"]), int(card.get("channels", 3))
-    images = load_images(files, folder, size, channels, Path(root), "imagenet_subset", {"wnids": wnids},
-                         desc=f"decoding {card['name']}")
-    return Split(images, np.asarray(labels, dtype=np.int64))
+    return class_folder_split(
+        card, root, folder, wnids, "imagenet_subset", {"wnids": wnids},
+        lambda sub: f"{sub}: the class folder of {sub.name} holds no images; expected its *.JPEG files")
 
 
 def class_names(card: dict, root: Path) -> list[str]:
