@@ -17,7 +17,7 @@ For each of the four slots:
     result of the operation it drew and keeps its pixels otherwise.
 Each operation follows torchvision's tensor kernels (transforms.v2.functional) to the pixel, rounding and
 truncating where they do, so a batched operation agrees with the per-image kernel it stands for
-(tests/test_transforms.py checks each one).
+(tests/test_strong.py checks each one).
 """
 
 from __future__ import annotations
@@ -36,6 +36,14 @@ NUM_OPS = 4  # operations per image
 BINS = 11  # magnitude bins 0..10; each operation draws one from 1..10
 _GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 _BLEND = ("Brightness", "Color", "Contrast", "Sharpness")
+
+
+def _drew(op: torch.Tensor, names) -> torch.Tensor:
+    """(N,) bool: which images drew one of the named operations."""
+    hit = torch.zeros_like(op, dtype=torch.bool)
+    for name in names:
+        hit |= op == OP_INDEX[name]
+    return hit
 
 
 def magnitude(name: str, bins: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -163,10 +171,7 @@ def blend_ops(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor) -> torch.
     sharp = xf + alpha * (deg - xf)
     mixed = torch.where(is_sharp, sharp, mixed)
     out = mixed.clamp_(0, 255).to(torch.uint8)
-    use = op == OP_INDEX["Brightness"]
-    use = use | (op == OP_INDEX["Contrast"]) | is_sharp.view(-1)
-    if c == 3:
-        use = use | (op == OP_INDEX["Color"])
+    use = _drew(op, _BLEND if c == 3 else [name for name in _BLEND if name != "Color"])  # Color: RGB only
     return torch.where(use.view(-1, 1, 1, 1), out, x)
 
 
@@ -201,12 +206,9 @@ def equalize(x: torch.Tensor) -> torch.Tensor:
 
 def apply_op(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
     """One RandAugment slot: image i gets operation op[i] at signed magnitude mag[i] (float64)."""
-    n, _, h, w = x.shape
-    geo = torch.zeros_like(op, dtype=torch.bool)
-    for name in _GEOMETRIC:
-        geo |= op == OP_INDEX[name]
+    h, w = x.shape[-2:]
     warped = warp_nearest(x, geometric_matrices(op, mag, h, w))
-    x = torch.where(geo.view(-1, 1, 1, 1), warped, x)
+    x = torch.where(_drew(op, _GEOMETRIC).view(-1, 1, 1, 1), warped, x)
     x = blend_ops(x, op, 1.0 + mag)
     bits = torch.where(op == OP_INDEX["Posterize"], mag, torch.full_like(mag, 8.0)).long()
     keep = torch.bitwise_left_shift(torch.bitwise_left_shift(torch.ones_like(bits), bits) - 1, 8 - bits)
